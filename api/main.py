@@ -1,0 +1,26 @@
+"""The HTTP edge: builds the FastAPI app. It never imports torch or transformers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import health, jobs
+from gemma_batch.settings import get_settings
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="gemma-batch",
+        summary="Batch generation and labelling with Gemma models",
+        version="0.1.0",
+    )
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,3 @@
+from gemma_batch.cli import main
+
+main()

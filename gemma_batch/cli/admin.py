@@ -1,0 +1,102 @@
+"""Commands that run or set up the service: config, db, model, api, worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemma_batch.settings import get_settings
+
+console = Console()
+db_app = typer.Typer(help="The SQL store.", no_args_is_help=True)
+model_app = typer.Typer(help="The local model cache.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("config")(show_config)
+    app.command("api")(run_api)
+    app.command("worker")(run_worker)
+    app.add_typer(db_app, name="db")
+    app.add_typer(model_app, name="model")
+
+
+def show_config() -> None:
+    """Print the effective settings (secrets masked)."""
+    table = Table("setting", "value")
+    for name, value in get_settings().masked().items():
+        table.add_row(name, value)
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate the tables to the latest revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    import migrations
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    command.upgrade(config, revision)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    source: Annotated[str, typer.Argument(help="A model alias, or a local model folder.")],
+    name: Annotated[str | None, typer.Option(help="Name in the cache (folders only).")] = None,
+    force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False,
+) -> None:
+    """Put a model into the local cache so workers never download mid-job."""
+    from gemma_batch.prepare import prepare
+
+    path = prepare(source, get_settings(), name=name, force=force)
+    console.print(f"prepared {path.name} at {path}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """Show the registry's aliases and which are prepared here."""
+    from gemma_batch.model_cache import prepared_names
+    from gemma_batch.registry import REGISTRY
+
+    settings = get_settings()
+    prepared = set(prepared_names(settings.model_dir))
+    table = Table("model", "source", "prepared")
+    for name in sorted(set(REGISTRY) | prepared):
+        spec = REGISTRY.get(name)
+        table.add_row(name, spec.source if spec else "local", "yes" if name in prepared else "")
+    console.print(table)
+
+
+def run_api(
+    host: Annotated[str | None, typer.Option(help="Default: GEMMA_BATCH_API_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: GEMMA_BATCH_API_PORT.")] = None,
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port)
+
+
+def run_worker(
+    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1: one worker each.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model to serve (default: settings).")] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Start Celery workers that load the model once and run its queue."""
+    from worker.launcher import run_workers
+
+    settings = get_settings()
+    if model:
+        settings = settings.model_copy(update={"model": model})
+    if device not in (None, "cpu", "cuda", "auto"):
+        raise typer.BadParameter("--device must be cpu, cuda or auto")
+    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    raise typer.Exit(run_workers(settings, gpu_ids, device, loglevel))

@@ -1,0 +1,65 @@
+"""`gemma-batch demo`: label the bundled reviews end to end and print the accuracy."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemma_batch.cli.admin import db_upgrade
+from gemma_batch.cli.jobs import wait_with_progress
+from gemma_batch.client import Client
+from gemma_batch.model_cache import is_prepared
+from gemma_batch.prepare import prepare
+from gemma_batch.settings import get_settings
+from gemma_batch.stack import LocalStack
+
+console = Console()
+LABELS = ("positive", "negative")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+
+
+def sample_rows() -> list[dict[str, str]]:
+    text = files("gemma_batch").joinpath("data/reviews.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def label_prompt(review: str) -> str:
+    fewshot = files("gemma_batch").joinpath("data/fewshot.txt").read_text(encoding="utf-8")
+    return f"{fewshot}Review: {review}\nSentiment:"
+
+
+def demo() -> None:
+    """Start the API and a worker, label the bundled reviews, print results and accuracy."""
+    settings = get_settings()
+    db_upgrade()
+    if not is_prepared(settings.model_dir, settings.model):
+        console.print(f"preparing {settings.model} (once; a minute or two)…")
+        prepare(settings.model, settings)
+    rows = sample_rows()
+    items = [{"id": row["id"], "prompt": label_prompt(row["text"])} for row in rows]
+    params = {"max_new_tokens": 3, "stop": ["\n"]}
+    with LocalStack({}, Path(settings.data_dir) / "logs", ["--device", settings.device]) as stack:
+        console.print(f"API at {stack.url}, worker logs in {stack.log_dir}")
+        job = Client(stack.url).submit(settings.model, items, params, {"demo": "reviews"})
+        console.print(f"submitted {job.id} ({len(items)} reviews)")
+        info = wait_with_progress(job)
+        results = {line["id"]: line for line in job.results()}
+    table = Table("id", "review", "expected", "model said", "")
+    right = 0
+    for row in rows:
+        said = (results.get(row["id"], {}).get("output") or "").strip().lower()
+        ok = said.startswith(row["label"])
+        right += ok
+        table.add_row(row["id"], row["text"][:60], row["label"], said, "✓" if ok else "✗")
+    console.print(table)
+    console.print(
+        f"job {info.id} {info.status}: accuracy {right}/{len(rows)} = {right / len(rows):.0%}"
+    )

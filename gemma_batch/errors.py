@@ -1,0 +1,78 @@
+"""One error hierarchy; the API turns each into `{"error": {...}}` with its status code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FieldError:
+    """One problem with one field: `param` names where (e.g. `items[3].prompt`)."""
+
+    param: str
+    message: str
+
+
+class AppError(Exception):
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"type": self.type, "message": self.message, "param": self.param}}
+
+
+class InvalidRequest(AppError):
+    """Input that fails validation; carries every field problem found, not just the first."""
+
+    status_code = 422
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{first.param}: {first.message}{more}", first.param)
+        self.errors = errors
+
+    def body(self) -> dict[str, object]:
+        body = super().body()
+        body["error"]["errors"] = [  # type: ignore[index]
+            {"param": e.param, "message": e.message} for e in self.errors
+        ]
+        return body
+
+
+class NotFound(AppError):
+    status_code = 404
+    type = "not_found_error"
+
+
+class Conflict(AppError):
+    status_code = 409
+    type = "conflict_error"
+
+
+class PayloadTooLarge(AppError):
+    status_code = 413
+    type = "payload_too_large"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    type = "service_unavailable"
+
+
+class ModelNotPrepared(AppError):
+    """A worker or the API asked for a model that is not in the local model cache."""
+
+    status_code = 422
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"model '{name}' is not prepared on this machine: "
+            f"run `gemma-batch model prepare {name}`",
+            "model",
+        )

@@ -1,0 +1,57 @@
+"""The Celery app, built from settings; the API sends with it and the workers consume with it.
+
+Nothing here imports torch: importing this module is cheap for the API.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from gemma_batch.settings import get_settings
+
+RUN_CHUNK = "gemma_batch.run_chunk"
+
+
+def queue_name(model: str) -> str:
+    """Each model has its own queue, so a worker only receives work for the model it loaded."""
+    return f"gemma-batch.{model}"
+
+
+def create_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("gemma_batch", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        # Only JSON travels: tasks carry ids, never pickled objects.
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A chunk is acknowledged only once its results are in SQL; a worker that dies
+        # hands it back instead of losing it.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Loading a model takes far longer than Celery's default 4 s allowance.
+        worker_proc_alive_timeout=settings.worker_init_timeout,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        # A submit must not hang on a dead broker: fail fast and let the API say so.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+    return app
+
+
+celery_app = create_celery()
+
+
+def enqueue_chunks(job_id: str, model: str, chunk_sizes: list[int]) -> None:
+    """Send one task per chunk; the task names the job and chunk, the worker reads the rest."""
+    with celery_app.producer_or_acquire() as producer:
+        for chunk, size in enumerate(chunk_sizes):
+            celery_app.send_task(
+                RUN_CHUNK,
+                args=(job_id, chunk, size),
+                queue=queue_name(model),
+                producer=producer,
+                retry=True,
+            )

@@ -1,0 +1,128 @@
+"""Pydantic schemas of the public API: what callers send and what they get back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gemma_batch.models import Item, Job
+from gemma_batch.params import GenerationParams
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ItemIn(BaseModel):
+    """One prompt: plain text for base models, or chat messages for -it models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, max_length=256, description="The caller's id, echoed back.")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> ItemIn:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A model alias, e.g. gemma-3-270m or gemma-2b-it.")
+    items: list[ItemIn] = Field(min_length=1)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+    @field_validator("items")
+    @classmethod
+    def _unique_ids(cls, items: list[ItemIn]) -> list[ItemIn]:
+        seen: dict[str, int] = {}
+        for index, item in enumerate(items):
+            if item.id is None:
+                continue
+            if item.id in seen:
+                raise ValueError(f"items[{index}].id '{item.id}' repeats items[{seen[item.id]}].id")
+            seen[item.id] = index
+        return items
+
+
+class Counts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+class JobRead(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model: str
+    status: str
+    counts: Counts
+    params: dict[str, Any]
+    metadata: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobRead:
+        return cls(
+            id=job.id,
+            model=job.model,
+            status=job.status,
+            counts=Counts(total=job.total, completed=job.completed, failed=job.failed),
+            params=job.params,
+            metadata=job.meta,
+            created_at=_utc(job.created_at),
+            started_at=_utc(job.started_at),
+            finished_at=_utc(job.finished_at),
+        )
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobRead]
+    has_more: bool
+    last_id: str | None
+
+
+class ResultLine(BaseModel):
+    """One line of a job's results file."""
+
+    id: str | None
+    index: int
+    status: str
+    output: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None
+
+    @classmethod
+    def of(cls, item: Item) -> ResultLine:
+        return cls(
+            id=item.custom_id,
+            index=item.index,
+            status=item.status,
+            output=item.output,
+            finish_reason=item.finish_reason,
+            prompt_tokens=item.prompt_tokens,
+            completion_tokens=item.completion_tokens,
+            error=item.error,
+        )

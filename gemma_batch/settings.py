@@ -1,0 +1,76 @@
+"""The one Settings object: every knob comes from the environment (prefix GEMMA_BATCH_)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+
+def _default_model_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "gemma-batch" / "models"
+
+
+class Settings(BaseSettings):
+    """Effective configuration of the API, the workers and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="GEMMA_BATCH_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Folder for the embedded SQLite store.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means a SQLite file in data_dir."
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where CLI commands find the API.")
+    api_host: str = Field("127.0.0.1", description="Address `gemma-batch api` binds.")
+    api_port: int = Field(8000, description="Port `gemma-batch api` binds.")
+
+    model: str = Field("gemma-3-270m", description="Model alias (or prepared name) a worker serves.")
+    model_dir: Path = Field(
+        default_factory=_default_model_dir, description="Local cache of prepared models."
+    )
+    quantization: Literal["nf4", "int8", "none"] = Field(
+        "nf4", description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")
+
+    batch_tokens: int = Field(
+        16384, ge=64, description="Token budget of one micro-batch (rows x (prompt + new tokens))."
+    )
+    chunk_size: int = Field(64, ge=1, le=10_000, description="Items per queued task.")
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted request body.")
+    worker_init_timeout: float = Field(
+        600.0, gt=0, description="Seconds a worker process may take to load its model."
+    )
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'gemma-batch.db').resolve()}"
+        return self
+
+    def masked(self) -> dict[str, str]:
+        """Every setting as text, with passwords and tokens hidden."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "**********"
+            elif name in ("database_url", "broker_url"):
+                text = make_url(value).render_as_string(hide_password=True)
+            else:
+                text = "" if value is None else str(value)
+            shown[f"GEMMA_BATCH_{name.upper()}"] = text
+        return shown
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,77 @@
+"""Per-process worker state: the model is loaded once, in the process that runs the tasks.
+
+We run Celery's prefork pool with one child per worker. The parent never imports torch, so
+CUDA is first touched in the child, after the fork (CUDA cannot survive a fork). The child
+loads the model in `worker_process_init`, which is why `worker_proc_alive_timeout` is raised
+from its 4 s default. We keep prefork over the solo pool for its time limits and because a
+child that dies (a CUDA fault, the OOM killer) is replaced while its task is handed back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from gemma_batch.db import reset_engine, session_scope
+from gemma_batch.model_cache import get_prepared
+from gemma_batch.params import GenerationParams
+from gemma_batch.progress import ItemResult, claim_chunk, record_results
+from gemma_batch.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_engine: Any = None
+
+
+@worker_process_init.connect
+def _load_engine(**_: Any) -> None:
+    # The parent's pooled DB connections must not be shared with the child.
+    reset_engine()
+    global _engine
+    _engine = build_engine()
+
+
+def build_engine() -> Any:
+    """Load the configured model from the local cache (imports torch, so only in workers)."""
+    from worker.engine import Engine
+    from worker.loader import load_model
+
+    settings = get_settings()
+    prepared = get_prepared(settings.model_dir, settings.model)
+    model, tokenizer = load_model(prepared.path, settings.quantization, settings.device)
+    log.info("model %s ready in worker process %s", settings.model, os.getpid())
+    return Engine(model, tokenizer, settings.batch_tokens)
+
+
+def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
+    """Generate a chunk's pending items, storing each micro-batch's results as it finishes."""
+    global _engine
+    if _engine is None:  # pools without child processes never send worker_process_init
+        _engine = build_engine()
+    with session_scope() as session:
+        params, items = claim_chunk(session, job_id, chunk, worker)
+    if not items:
+        return {"stored": 0}
+    done: set[int] = set()
+    try:
+        for results in _engine.generate(items, GenerationParams.model_validate(params)):
+            with session_scope() as session:
+                going_on = record_results(session, job_id, results)
+            done.update(result.index for result in results)
+            if not going_on:
+                log.info("job %s is over; chunk %s stops after %s items", job_id, chunk, len(done))
+                break
+    except Exception as exc:
+        # A failed generation must not leave items pending forever: answer them with the error.
+        log.exception("job %s chunk %s failed", job_id, chunk)
+        failed = [
+            ItemResult(item.index, error=f"{exc.__class__.__name__}: {exc}")
+            for item in items
+            if item.index not in done
+        ]
+        with session_scope() as session:
+            record_results(session, job_id, failed)
+    return {"stored": len(done)}
