@@ -65,7 +65,9 @@ def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
                 "chunk": index // size,
                 "custom_id": item.id if item.id is not None else str(index),
                 "prompt": item.prompt,
-                "messages": None if item.messages is None else [m.model_dump() for m in item.messages],
+                "messages": None
+                if item.messages is None
+                else [m.model_dump() for m in item.messages],
             }
             for index, item in enumerate(request.items)
         ],
@@ -79,7 +81,9 @@ def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
         session.execute(delete(Job).where(Job.id == job.id))
         session.commit()
-        raise ServiceUnavailable(f"the job queue is unreachable ({exc}); nothing was stored") from exc
+        raise ServiceUnavailable(
+            f"the job queue is unreachable ({exc}); nothing was stored"
+        ) from exc
     log.info("job %s: %s items in %s chunks for %s", job.id, job.total, len(sizes), job.model)
     return job
 

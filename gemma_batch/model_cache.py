@@ -84,5 +84,3 @@ def get_prepared(model_dir: Path, name: str) -> PreparedModel:
         known = ", ".join(sorted(set(REGISTRY) | set(prepared_names(model_dir))))
         raise UnknownModel(f"unknown model '{name}'; known models: {known}")
     return _load(model_path(model_dir, name).resolve(), name)
-
-

@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address `gemma-batch api` binds.")
     api_port: int = Field(8000, description="Port `gemma-batch api` binds.")
 
-    model: str = Field("gemma-3-270m", description="Model alias (or prepared name) a worker serves.")
+    model: str = Field(
+        "gemma-3-270m", description="Model alias (or prepared name) a worker serves."
+    )
     model_dir: Path = Field(
         default_factory=_default_model_dir, description="Local cache of prepared models."
     )
@@ -40,6 +42,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")
+    flower_auth: SecretStr | None = Field(None, description="`user:password` for Flower.")
 
     batch_tokens: int = Field(
         16384, ge=64, description="Token budget of one micro-batch (rows x (prompt + new tokens))."

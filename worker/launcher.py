@@ -23,7 +23,9 @@ class WorkerSpec:
     env: dict[str, str]
 
 
-def plan_workers(settings: Settings, gpus: list[str] | None, device: str | None) -> list[WorkerSpec]:
+def plan_workers(
+    settings: Settings, gpus: list[str] | None, device: str | None
+) -> list[WorkerSpec]:
     """One spec per process: a GPU id each, or a single worker on `device` (default: settings)."""
     base = {"GEMMA_BATCH_MODEL": settings.model}
     if gpus:
@@ -50,7 +52,9 @@ def celery_command(spec: WorkerSpec, settings: Settings, loglevel: str) -> list[
     ]  # fmt: skip
 
 
-def run_workers(settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str) -> int:
+def run_workers(
+    settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str
+) -> int:
     """Start the workers and wait; SIGTERM/SIGINT is passed on so each finishes its task."""
     get_prepared(settings.model_dir, settings.model)  # fail here, clearly, not in every child
     specs = plan_workers(settings, gpus, device)

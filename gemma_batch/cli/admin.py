@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
     app.command("config")(show_config)
     app.command("api")(run_api)
     app.command("worker")(run_worker)
+    app.command("flower")(run_flower)
     app.add_typer(db_app, name="db")
     app.add_typer(model_app, name="model")
 
@@ -100,3 +101,15 @@ def run_worker(
         raise typer.BadParameter("--device must be cpu, cuda or auto")
     gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
     raise typer.Exit(run_workers(settings, gpu_ids, device, loglevel))
+
+
+def run_flower(port: Annotated[int, typer.Option(help="Port Flower serves on.")] = 5555) -> None:
+    """Start Flower on the configured broker (basic auth from GEMMA_BATCH_FLOWER_AUTH)."""
+    import os
+    import sys
+
+    settings = get_settings()
+    command = [sys.executable, "-m", "celery", "-A", "worker.tasks", "flower", f"--port={port}"]
+    if settings.flower_auth:
+        command.append(f"--basic-auth={settings.flower_auth.get_secret_value()}")
+    os.execv(sys.executable, command)

@@ -93,7 +93,9 @@ def submit(
     print(job.id)
     if wait:
         info = wait_with_progress(job)
-        console.print(f"{info.status}: {info.counts.completed} completed, {info.counts.failed} failed")
+        console.print(
+            f"{info.status}: {info.counts.completed} completed, {info.counts.failed} failed"
+        )
 
 
 def status(job_id: str) -> None:

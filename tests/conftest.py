@@ -1,0 +1,124 @@
+"""Shared fixtures: real Redis, real SQLite and PostgreSQL, a tiny real-architecture Gemma.
+
+The environment is set before any project module is imported, because the Celery app and the
+settings are built from it at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(tempfile.mkdtemp(prefix="gemma-batch-tests-"))
+REAL_MODEL_DIR = Path(
+    os.environ.get("GEMMA_BATCH_MODEL_DIR", Path.home() / ".cache" / "gemma-batch" / "models")
+)
+TEST_BROKER = os.environ.get("GEMMA_BATCH_TEST_BROKER_URL", "redis://127.0.0.1:6379/13")
+TEST_POSTGRES = os.environ.get(
+    "GEMMA_BATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+TINY = "tiny-gemma"
+
+os.environ.update(
+    {
+        "GEMMA_BATCH_DATA_DIR": str(_ROOT / "data"),
+        "GEMMA_BATCH_DATABASE_URL": f"sqlite:///{_ROOT / 'data' / 'main.db'}",
+        "GEMMA_BATCH_BROKER_URL": TEST_BROKER,
+        "GEMMA_BATCH_MODEL_DIR": str(_ROOT / "models"),
+        "GEMMA_BATCH_MODEL": TINY,
+    }
+)
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from gemma_batch.db import reset_engine  # noqa: E402
+from gemma_batch.settings import get_settings  # noqa: E402
+from tests.tiny_model import build_tiny_gemma  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_broker() -> Iterator[None]:
+    import redis
+
+    client = redis.Redis.from_url(TEST_BROKER)
+    client.flushdb()
+    yield
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    path = REAL_MODEL_DIR / "gemma-3-270m"
+    if not (path / "config.json").exists():
+        pytest.fail("run `gemma-batch model prepare gemma-3-270m` first (make test does)")
+    return REAL_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def model_dir(real_model_dir: Path) -> Path:
+    """The tests' model cache: the tiny model, and the real 270M linked in."""
+    cache = Path(os.environ["GEMMA_BATCH_MODEL_DIR"])
+    build_tiny_gemma(real_model_dir / "gemma-3-270m", cache / TINY)
+    (cache / "gemma-3-270m").symlink_to(real_model_dir / "gemma-3-270m")
+    return cache
+
+
+def _postgres_database() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server, dropped afterwards."""
+    from sqlalchemy.engine import make_url
+
+    server = make_url(TEST_POSTGRES).set(drivername="postgresql+psycopg")
+    name = f"gemma_batch_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _sqlite_database() -> Iterator[str]:
+    yield f"sqlite:///{_ROOT / 'data' / uuid.uuid4().hex}.db"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An empty database of each kind, migrated to head, and made the current settings'."""
+    make = _sqlite_database if request.param == "sqlite" else _postgres_database
+    yield from _use_database(make)
+
+
+@pytest.fixture
+def sqlite_url() -> Iterator[str]:
+    yield from _use_database(_sqlite_database)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    make = _sqlite_database if request.param == "sqlite" else _postgres_database
+    yield from _use_database(make)
+
+
+def _use_database(make) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    from gemma_batch.cli.admin import db_upgrade
+
+    for url in make():
+        previous = os.environ["GEMMA_BATCH_DATABASE_URL"]
+        os.environ["GEMMA_BATCH_DATABASE_URL"] = url
+        get_settings.cache_clear()
+        reset_engine()
+        db_upgrade()
+        try:
+            yield url
+        finally:
+            reset_engine()
+            os.environ["GEMMA_BATCH_DATABASE_URL"] = previous
+            get_settings.cache_clear()

@@ -1,0 +1,126 @@
+"""The engine on the tiny real-architecture Gemma: batching must not change what is generated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gemma_batch.chat import gemma_turns
+from gemma_batch.params import GenerationParams
+from gemma_batch.progress import WorkItem
+from tests.conftest import TINY
+from worker.engine import Engine
+from worker.loader import load_model
+
+PROMPTS = [
+    "The capital of France is",
+    "Write one word about the sea:",
+    "A very long prompt " * 12,
+    "Hi",
+    "Once upon a time, in a land far away, there lived a",
+]
+
+
+@pytest.fixture(scope="module")
+def fp32(model_dir: Path) -> tuple[object, object]:
+    return load_model(model_dir / TINY, "none", "cpu")
+
+
+def _items() -> list[WorkItem]:
+    return [WorkItem(i, p, None) for i, p in enumerate(PROMPTS)]
+
+
+def _run(engine: Engine, items: list[WorkItem], params: GenerationParams) -> dict[int, object]:
+    return {r.index: r for batch in engine.generate(items, params) for r in batch}
+
+
+def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> None:
+    params = GenerationParams(max_new_tokens=12)
+    batched = _run(Engine(*fp32, batch_tokens=4096), _items(), params)
+    for item in _items():
+        alone = _run(Engine(*fp32, batch_tokens=4096), [item], params)[item.index]
+        assert batched[item.index].output == alone.output
+        assert batched[item.index].completion_tokens == alone.completion_tokens
+
+
+def test_micro_batches_respect_the_token_budget(fp32: tuple[object, object]) -> None:
+    engine = Engine(*fp32, batch_tokens=120)
+    encoded = [engine_row for engine_row in _encode(engine)]
+    batches = list(engine.micro_batches(encoded, new_tokens=8))
+    assert sum(len(b) for b in batches) == len(PROMPTS)
+    assert len(batches) > 1
+    for batch in batches:
+        width = max(len(row.ids) for row in batch) + 8
+        assert len(batch) == 1 or len(batch) * width <= 120
+        lengths = [len(row.ids) for row in batch]
+        assert lengths == sorted(lengths, reverse=True)
+
+
+def _encode(engine: Engine) -> list[object]:
+    from worker.engine import _Encoded
+
+    return [_Encoded(item, engine.render(item)) for item in _items()]
+
+
+def test_results_carry_counts_and_finish_reasons(fp32: tuple[object, object]) -> None:
+    engine = Engine(*fp32, batch_tokens=4096)
+    results = _run(engine, _items(), GenerationParams(max_new_tokens=5))
+    tokenizer = fp32[1]
+    for item in _items():
+        result = results[item.index]
+        assert result.prompt_tokens == len(tokenizer(item.prompt)["input_ids"])
+        assert result.finish_reason in ("stop", "length")
+        assert 1 <= result.completion_tokens <= 5
+        if result.finish_reason == "length":
+            assert result.completion_tokens == 5
+
+
+def test_stop_strings_cut_the_output(fp32: tuple[object, object]) -> None:
+    engine = Engine(*fp32, batch_tokens=4096)
+    free = _run(engine, _items(), GenerationParams(max_new_tokens=16))
+    # Stop at the second character of each free output: the output is cut right before it.
+    checked = 0
+    for item in _items():
+        text = free[item.index].output
+        if len(text) < 3:
+            continue
+        stop = text[1:3]
+        cut = _run(engine, [item], GenerationParams(max_new_tokens=16, stop=[stop]))[item.index]
+        assert cut.finish_reason == "stop"
+        assert cut.output == text[: text.find(stop)]
+        checked += 1
+    assert checked >= 3
+
+
+def test_chat_messages_use_the_gemma_turn_format(fp32: tuple[object, object]) -> None:
+    engine = Engine(*fp32, batch_tokens=4096)
+    tokenizer = fp32[1]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    ids = engine.render(WorkItem(0, None, messages))
+    text = tokenizer.decode(ids)
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert gemma_turns(messages) in text
+
+
+def test_nf4_quantizes_the_linear_layers(model_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model, _ = load_model(model_dir / TINY, "nf4", "cpu")
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
+        assert isinstance(linear, bnb.nn.Linear4bit)
+        assert linear.weight.quant_state.quant_type == "nf4"
+
+
+def test_int8_quantizes_the_linear_layers(model_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model, _ = load_model(model_dir / TINY, "int8", "cpu")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
