@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
 from api.routes import health, jobs
 from gemma_batch.settings import get_settings
@@ -19,7 +20,11 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    install_body_schemas(app)
+    settings = get_settings()
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+    )
     return app
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import httpx
 
@@ -39,9 +41,14 @@ class Job:
         return self.info
 
     def wait(
-        self, poll: float = 1.0, on_progress: Callable[[JobRead], None] | None = None
+        self,
+        poll: float = 1.0,
+        progress: bool = False,
+        on_progress: Callable[[JobRead], None] | None = None,
     ) -> JobRead:
-        """Poll until the job is completed, failed or cancelled."""
+        """Poll until the job is completed, failed or cancelled (with a progress bar if asked)."""
+        if progress:
+            return self._wait_with_bar(poll)
         while True:
             info = self.refresh()
             if on_progress:
@@ -50,19 +57,54 @@ class Job:
                 return info
             time.sleep(poll)
 
+    def _wait_with_bar(self, poll: float) -> JobRead:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("failed {task.fields[failed]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task(self.id, total=self.info.counts.total, failed=0)
+
+            def show(info: JobRead) -> None:
+                done = info.counts.completed + info.counts.failed
+                bar.update(task, completed=done, failed=info.counts.failed, description=info.status)
+
+            return self.wait(poll, on_progress=show)
+
+    def to_pandas(self) -> Any:
+        """The results (joined to the original fields) as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(list(self.results()))
+
     def results(self) -> Iterator[dict[str, Any]]:
         """Finished items as dicts, in index order."""
-        for line in self.download("jsonl"):
-            if line.strip():
-                yield json.loads(line)
+        path = f"/v1/jobs/{self.id}/results"
+        with self._client.http.stream("GET", path) as response:
+            _raise_for_error(response)
+            for line in response.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
 
-    def download(self, fmt: str = "jsonl") -> Iterator[str]:
-        """The results file as it streams, line by line (`jsonl` or `csv`)."""
+    def download(self, fmt: str = "jsonl") -> Iterator[bytes]:
+        """The results file as it streams (`jsonl`, `csv` or `parquet`)."""
         path = f"/v1/jobs/{self.id}/results"
         with self._client.http.stream("GET", path, params={"format": fmt}) as response:
             _raise_for_error(response)
-            for line in response.iter_lines():
-                yield line + "\n"
+            yield from response.iter_bytes()
 
     def cancel(self) -> JobRead:
         self.info = JobRead.model_validate(
@@ -90,6 +132,45 @@ class Client:
     ) -> Job:
         body = {"model": model, "items": items, "params": params or {}, "metadata": metadata or {}}
         return Job(self, JobRead.model_validate(self.request("POST", "/v1/jobs", json=body)))
+
+    def submit_file(
+        self,
+        path: str | Path,
+        template: str,
+        model: str,
+        **options: Any,
+    ) -> Job:
+        """Upload a JSONL, CSV or Parquet file; each row goes through `template` ({field})."""
+        path = Path(path)
+        with path.open("rb") as handle:
+            return self._upload(handle, path.name, template, model, options)
+
+    def label(
+        self,
+        rows: Any,
+        template: str,
+        choices: list[str],
+        model: str,
+        prefix: str = "",
+        **options: Any,
+    ) -> Job:
+        """Label rows (a list of dicts or a pandas DataFrame) with one of `choices` each."""
+        if hasattr(rows, "to_dict"):
+            rows = rows.to_dict(orient="records")
+        data = "".join(json.dumps(row, default=str) + "\n" for row in rows).encode()
+        options |= {"choices": choices, "prefix": prefix}
+        return self._upload(io.BytesIO(data), "rows.jsonl", template, model, options)
+
+    def _upload(
+        self, handle: IO[bytes], name: str, template: str, model: str, options: dict[str, Any]
+    ) -> Job:
+        form = {"template": template, "model": model}
+        for key, value in options.items():
+            if value is None:
+                continue
+            form[key] = value if isinstance(value, str) else json.dumps(value)
+        info = self.request("POST", "/v1/jobs", data=form, files={"file": (name, handle)})
+        return Job(self, JobRead.model_validate(info))
 
     def job(self, job_id: str) -> Job:
         return Job(self, JobRead.model_validate(self.request("GET", f"/v1/jobs/{job_id}")))

@@ -3,77 +3,166 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import IO, Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.chat import gemma_turns
 from gemma_batch.errors import Conflict, FieldError, InvalidRequest, NotFound, ServiceUnavailable
-from gemma_batch.model_cache import get_prepared
+from gemma_batch.ingest import detect_format, iter_rows
+from gemma_batch.model_cache import PreparedModel, get_prepared
 from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
 from gemma_batch.queue import enqueue_chunks
-from gemma_batch.schemas import ItemIn, JobCreate
+from gemma_batch.schemas import FileJob, JobCreate, JobOptions
 from gemma_batch.settings import Settings
+from gemma_batch.templates import Template
 
 log = logging.getLogger(__name__)
 
+INSERT_BATCH = 2000
+# Tokens the Gemma turn format adds around a prompt in chat mode.
+CHAT_OVERHEAD = 8
 
-def _check_context(request: JobCreate, settings: Settings) -> None:
+
+@dataclass(frozen=True)
+class NewItem:
+    where: str  # where the caller put it, for errors: "items[3]" or "line 7"
+    custom_id: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    fields: dict[str, Any] | None = None
+
+
+def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
     """Refuse prompts that, with the tokens asked for, would not fit the model's context."""
-    model = get_prepared(settings.model_dir, request.model)
-    texts = [item.prompt if item.prompt is not None else _chat_text(item) for item in request.items]
-    limit = model.context_length
-    wanted = request.params.max_new_tokens
+    texts = [
+        item.prompt if item.prompt is not None else gemma_turns(item.messages or [])
+        for item in batch
+    ]
+    overhead = model.count_tokens([options.prefix])[0] if options.prefix else 0
+    if options.chat:
+        overhead += CHAT_OVERHEAD
+    limit, wanted = model.context_length, options.params.max_new_tokens
     errors = [
         FieldError(
-            f"items[{index}].{'prompt' if item.prompt is not None else 'messages'}",
-            f"the prompt is {tokens} tokens; with max_new_tokens {wanted} it exceeds "
-            f"{request.model}'s context of {limit} tokens",
+            item.where,
+            f"the prompt is {tokens + overhead} tokens; with max_new_tokens {wanted} it exceeds "
+            f"{options.model}'s context of {limit} tokens",
         )
-        for index, (item, tokens) in enumerate(
-            zip(request.items, model.count_tokens(texts), strict=True)
-        )
-        if tokens + wanted > limit
+        for item, tokens in zip(batch, model.count_tokens(texts), strict=True)
+        if tokens + overhead + wanted > limit
     ]
     if errors:
         raise InvalidRequest(errors)
 
 
-def _chat_text(item: ItemIn) -> str:
-    assert item.messages is not None
-    return gemma_turns([m.model_dump() for m in item.messages])
-
-
 def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
-    """Store the job and all its items in one transaction, then enqueue one task per chunk."""
-    _check_context(request, settings)
+    """A job from a JSON body of prompts or chats."""
+    if len(request.items) > settings.max_items:
+        raise InvalidRequest([FieldError("items", f"more than the limit of {settings.max_items}")])
+    items = (
+        NewItem(
+            f"items[{index}].{'prompt' if item.prompt is not None else 'messages'}",
+            item.id if item.id is not None else str(index),
+            item.prompt,
+            None if item.messages is None else [m.model_dump() for m in item.messages],
+        )
+        for index, item in enumerate(request.items)
+    )
+    return store_job(session, request, items, settings)
+
+
+def create_job_from_file(
+    session: Session, upload: IO[bytes], filename: str | None, request: FileJob, settings: Settings
+) -> Job:
+    """A job from an uploaded file: each row is put through the template, its fields kept."""
+    template = Template(request.template)
+    fmt = detect_format(filename, request.format)
+    columns: dict[str, None] = {}  # field names in order of first appearance
+
+    def items() -> Iterator[NewItem]:
+        for index, (where, row) in enumerate(iter_rows(upload, fmt)):
+            missing = template.missing(row)
+            if missing:
+                raise InvalidRequest(
+                    [
+                        FieldError(
+                            "file", f"{where}: no field '{missing[0]}', which the template needs"
+                        )
+                    ]
+                )
+            columns.update(dict.fromkeys(row))
+            row_id = row.get(request.id_field)
+            yield NewItem(
+                where, str(index if row_id is None else row_id), template.render(row), fields=row
+            )
+
+    return store_job(
+        session, request, items(), settings, template=request.template, columns=columns
+    )
+
+
+def store_job(
+    session: Session,
+    options: JobOptions,
+    items: Iterable[NewItem],
+    settings: Settings,
+    template: str | None = None,
+    columns: dict[str, None] | None = None,
+) -> Job:
+    """Store the job and all its items in one transaction, then enqueue one task per chunk.
+
+    Items arrive as a stream and go in by batches, so a huge upload never sits in memory; any
+    bad item rolls the whole job back, so nothing half-made is ever stored.
+    """
+    model = get_prepared(settings.model_dir, options.model)
+    spec = options.spec()
     job = Job(
-        model=request.model,
-        params=request.params.model_dump(),
-        total=len(request.items),
-        meta=request.metadata,
+        model=options.model,
+        params=spec.params.model_dump(),
+        prefix=spec.prefix or None,
+        chat=spec.chat,
+        choices=spec.choices,
+        json_schema=spec.json_schema,
+        template=template,
+        meta=options.metadata,
     )
     session.add(job)
     session.flush()
-    size = settings.chunk_size
-    session.execute(
-        insert(Item),
-        [
-            {
-                "job_id": job.id,
-                "index": index,
-                "chunk": index // size,
-                "custom_id": item.id if item.id is not None else str(index),
-                "prompt": item.prompt,
-                "messages": None
-                if item.messages is None
-                else [m.model_dump() for m in item.messages],
-            }
-            for index, item in enumerate(request.items)
-        ],
-    )
+    size, total = settings.chunk_size, 0
+    iterator = iter(items)
+    while batch := list(islice(iterator, INSERT_BATCH)):
+        if total + len(batch) > settings.max_items:
+            raise InvalidRequest(
+                [FieldError("file", f"more rows than the limit of {settings.max_items}")]
+            )
+        _check_context(model, options, batch)
+        session.execute(
+            insert(Item),
+            [
+                {
+                    "job_id": job.id,
+                    "index": index,
+                    "chunk": index // size,
+                    "custom_id": item.custom_id,
+                    "prompt": item.prompt,
+                    "messages": item.messages,
+                    "fields": item.fields,
+                }
+                for index, item in enumerate(batch, start=total)
+            ],
+        )
+        total += len(batch)
+    if total == 0:
+        raise InvalidRequest([FieldError("file", "holds no rows")])
+    job.total = total
+    job.columns = list(columns) if columns is not None else None
     session.commit()
-    sizes = [min(size, job.total - start) for start in range(0, job.total, size)]
+    sizes = [min(size, total - start) for start in range(0, total, size)]
     try:
         enqueue_chunks(job.id, job.model, sizes)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
@@ -84,7 +173,7 @@ def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
         raise ServiceUnavailable(
             f"the job queue is unreachable ({exc}); nothing was stored"
         ) from exc
-    log.info("job %s: %s items in %s chunks for %s", job.id, job.total, len(sizes), job.model)
+    log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -42,7 +43,12 @@ def new_job_id() -> str:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[dict[str, Any]]: JSON}
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        list[dict[str, Any]]: JSON,
+        list[str]: JSON,
+        dict[str, float]: JSON,
+    }
 
 
 class JobStatus(StrEnum):
@@ -73,6 +79,14 @@ class Job(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
+    # How each item becomes a prompt, and what is asked of the model (see JobSpec).
+    template: Mapped[str | None] = mapped_column(Text)
+    prefix: Mapped[str | None] = mapped_column(Text)
+    chat: Mapped[bool] = mapped_column(default=False, server_default=false())
+    choices: Mapped[list[str] | None] = mapped_column(JSON)
+    json_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The uploaded file's field names in order, so exports keep the caller's columns.
+    columns: Mapped[list[str] | None] = mapped_column(JSON)
     # "metadata" is reserved on declarative classes, hence the attribute name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -102,9 +116,12 @@ class Item(Base):
     custom_id: Mapped[str | None] = mapped_column(String(256))
     prompt: Mapped[str | None] = mapped_column(Text)
     messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
     output: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(Text)
+    label_probs: Mapped[dict[str, float] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)

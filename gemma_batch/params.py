@@ -28,3 +28,13 @@ class GenerationParams(BaseModel):
             "top_p": self.top_p,
             "top_k": self.top_k or None,
         }
+
+
+class JobSpec(BaseModel):
+    """Everything a worker needs to know about a job besides its items."""
+
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    prefix: str = ""
+    chat: bool = False
+    choices: list[str] | None = None
+    json_schema: dict[str, Any] | None = None

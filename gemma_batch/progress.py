@@ -9,6 +9,7 @@ from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
+from gemma_batch.params import GenerationParams, JobSpec
 
 
 @dataclass(frozen=True)
@@ -26,18 +27,30 @@ class ItemResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    label: str | None = None
+    label_probs: dict[str, float] | None = None
+
+
+def job_spec(job: Job) -> JobSpec:
+    return JobSpec(
+        params=GenerationParams.model_validate(job.params),
+        prefix=job.prefix or "",
+        chat=job.chat,
+        choices=job.choices,
+        json_schema=job.json_schema,
+    )
 
 
 def claim_chunk(
     session: Session, job_id: str, chunk: int, worker: str
-) -> tuple[dict[str, Any], list[WorkItem]]:
-    """The job's params and the chunk's items still pending; nothing if the job is over.
+) -> tuple[JobSpec | None, list[WorkItem]]:
+    """The job's spec and the chunk's items still pending; nothing if the job is over.
 
     Items already done (a redelivered chunk) are skipped, so no result is computed for nothing.
     """
     job = session.get(Job, job_id)
     if job is None or job.status in FINISHED_JOB_STATES:
-        return {}, []
+        return None, []
     rows = session.scalars(
         select(Item)
         .where(Item.job_id == job_id, Item.chunk == chunk, Item.status == ItemStatus.PENDING)
@@ -55,7 +68,7 @@ def claim_chunk(
         .values(status=JobStatus.RUNNING, started_at=now)
     )
     session.commit()
-    return job.params, [WorkItem(row.index, row.prompt, row.messages) for row in rows]
+    return job_spec(job), [WorkItem(row.index, row.prompt, row.messages) for row in rows]
 
 
 def record_results(session: Session, job_id: str, results: list[ItemResult]) -> bool:
@@ -82,6 +95,8 @@ def record_results(session: Session, job_id: str, results: list[ItemResult]) -> 
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,
                 error=result.error,
+                label=result.label,
+                label_probs=result.label_probs,
                 finished_at=now,
             )
         ).rowcount

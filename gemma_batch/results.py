@@ -1,52 +1,134 @@
-"""A job's results as JSONL or CSV, streamed page by page so no job is held whole in memory."""
+"""A job's results as JSONL, CSV or Parquet: each finished item joined to its original fields.
+
+Streamed page by page, so no job is ever held whole in memory, and available while the job
+runs (what is done so far).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
 from gemma_batch.db import session_scope
-from gemma_batch.models import Item, ItemStatus
+from gemma_batch.models import Item, ItemStatus, Job
 from gemma_batch.schemas import ResultLine
 
 PAGE = 1000
-FIELDS = list(ResultLine.model_fields)
+RESULT_FIELDS = list(ResultLine.model_fields)
 DONE = (ItemStatus.COMPLETED, ItemStatus.FAILED)
 
 
-def iter_results(job_id: str) -> Iterator[ResultLine]:
-    """Finished items in index order; while a job runs, what is done so far."""
+def iter_pages(job_id: str) -> Iterator[list[dict[str, Any]]]:
+    """Finished items in index order, a page at a time, as export rows."""
     last = -1
     while True:
         with session_scope() as session:
-            page = session.scalars(
+            items = session.scalars(
                 select(Item)
                 .where(Item.job_id == job_id, Item.index > last, Item.status.in_(DONE))
                 .order_by(Item.index)
                 .limit(PAGE)
             ).all()
-            lines = [ResultLine.of(item) for item in page]
-        yield from lines
-        if len(lines) < PAGE:
+            # Original fields first; a field named like a result column is shown the result.
+            page = [(item.fields or {}) | ResultLine.of(item).model_dump() for item in items]
+        if page:
+            yield page
+        if len(page) < PAGE:
             return
-        last = lines[-1].index
+        last = page[-1]["index"]
 
 
-def jsonl_lines(job_id: str) -> Iterator[str]:
-    for line in iter_results(job_id):
-        yield line.model_dump_json() + "\n"
+def columns(job: Job) -> list[str]:
+    original = job.columns or []
+    return original + [name for name in RESULT_FIELDS if name not in original]
 
 
-def csv_lines(job_id: str) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=FIELDS)
-    writer.writeheader()
-    for line in iter_results(job_id):
-        writer.writerow(line.model_dump())
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    yield buffer.getvalue()
+class Export(Protocol):
+    media_type: str
+
+    def write(self, job: Job) -> Iterator[bytes]: ...
+
+
+class JsonlExport:
+    media_type = "application/x-ndjson"
+
+    def write(self, job: Job) -> Iterator[bytes]:
+        for page in iter_pages(job.id):
+            yield "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in page).encode()
+
+
+class CsvExport:
+    media_type = "text/csv"
+
+    def write(self, job: Job) -> Iterator[bytes]:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns(job), extrasaction="ignore")
+        writer.writeheader()
+        for page in iter_pages(job.id):
+            for row in page:
+                probs = row.get("label_probs")
+                writer.writerow(row | {"label_probs": json.dumps(probs) if probs else None})
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue().encode()
+
+
+class _Chunks(io.RawIOBase):
+    """A write-only file for pyarrow whose bytes are taken away as they are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        self.written += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def take(self) -> bytes:
+        data, self.parts[:] = b"".join(self.parts), []
+        return data
+
+
+class ParquetExport:
+    media_type = "application/vnd.apache.parquet"
+
+    def write(self, job: Job) -> Iterator[bytes]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = _Chunks()
+        writer = None
+        names = columns(job)
+        for page in iter_pages(job.id):
+            rows = [{name: row.get(name) for name in names} for row in page]
+            if writer is None:
+                # The first page sets the types; a column still empty there is text.
+                schema = pa.Table.from_pylist(rows).schema
+                schema = pa.schema(
+                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+                )
+                writer = pq.ParquetWriter(sink, schema)
+            writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+            yield sink.take()
+        if writer is None:
+            empty = pa.schema([pa.field(name, pa.string()) for name in names])
+            writer = pq.ParquetWriter(sink, empty)
+        writer.close()
+        yield sink.take()
+
+
+EXPORTS: dict[str, Export] = {"jsonl": JsonlExport(), "csv": CsvExport(), "parquet": ParquetExport()}

@@ -8,7 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gemma_batch.models import Item, Job
-from gemma_batch.params import GenerationParams
+from gemma_batch.params import GenerationParams, JobSpec
+from gemma_batch.templates import Template, TemplateError
 
 
 class ChatMessage(BaseModel):
@@ -34,13 +35,71 @@ class ItemIn(BaseModel):
         return self
 
 
-class JobCreate(BaseModel):
+class JobOptions(BaseModel):
+    """What is asked of the model for every item of a job, whatever the items came from."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A model alias, e.g. gemma-3-270m or gemma-2b-it.")
-    items: list[ItemIn] = Field(min_length=1)
     params: GenerationParams = Field(default_factory=GenerationParams)
     metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    prefix: str = Field(
+        "", description="Shared instruction / few-shot text put before each prompt."
+    )
+    chat: bool = Field(False, description="Wrap each prompt as a user turn (for -it models).")
+    choices: list[str] | None = Field(
+        None, description="Label mode: each item gets the most likely of these, with probabilities."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Structured output: every output validates against this JSON Schema."
+    )
+
+    @field_validator("choices")
+    @classmethod
+    def _good_choices(cls, choices: list[str] | None) -> list[str] | None:
+        if choices is None:
+            return None
+        if not choices:
+            raise ValueError("give at least one choice")
+        if any(not choice.strip() for choice in choices):
+            raise ValueError("a choice may not be empty")
+        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        if repeated:
+            raise ValueError(f"duplicate choices: {', '.join(repeated)}")
+        return choices
+
+    @field_validator("json_schema")
+    @classmethod
+    def _good_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:
+            return None
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return schema
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> JobOptions:
+        if self.choices is not None and self.json_schema is not None:
+            raise ValueError("give either 'choices' or 'json_schema', not both")
+        return self
+
+    def spec(self) -> JobSpec:
+        return JobSpec(
+            params=self.params,
+            prefix=self.prefix,
+            chat=self.chat,
+            choices=self.choices,
+            json_schema=self.json_schema,
+        )
+
+
+class JobCreate(JobOptions):
+    items: list[ItemIn] = Field(min_length=1)
 
     @field_validator("items")
     @classmethod
@@ -53,6 +112,25 @@ class JobCreate(BaseModel):
                 raise ValueError(f"items[{index}].id '{item.id}' repeats items[{seen[item.id]}].id")
             seen[item.id] = index
         return items
+
+
+class FileJob(JobOptions):
+    """A job whose rows come from an uploaded JSONL, CSV or Parquet file."""
+
+    template: str = Field(description="Prompt template, e.g. 'Review: {text}\\nSentiment:'.")
+    format: Literal["jsonl", "csv", "parquet"] | None = Field(
+        None, description="The file's format; by default taken from its name."
+    )
+    id_field: str = Field("id", description="The row field that holds each row's id, if any.")
+
+    @field_validator("template")
+    @classmethod
+    def _good_template(cls, template: str) -> str:
+        try:
+            Template(template)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return template
 
 
 class Counts(BaseModel):
@@ -109,6 +187,8 @@ class ResultLine(BaseModel):
     index: int
     status: str
     output: str | None
+    label: str | None = None
+    label_probs: dict[str, float] | None = None
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -121,6 +201,8 @@ class ResultLine(BaseModel):
             index=item.index,
             status=item.status,
             output=item.output,
+            label=item.label,
+            label_probs=item.label_probs,
             finish_reason=item.finish_reason,
             prompt_tokens=item.prompt_tokens,
             completion_tokens=item.completion_tokens,

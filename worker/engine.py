@@ -10,20 +10,24 @@ from typing import Any
 import torch
 
 from gemma_batch.chat import gemma_turns
-from gemma_batch.params import GenerationParams
+from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import ItemResult, WorkItem
+from worker.labels import ChoiceScorer
+from worker.prefix import PrefixCache, common_prefix, forward_suffixes
+from worker.structured import JsonConstraint, check_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Encoded:
+class Encoded:
     item: WorkItem
     ids: list[int]
+    text: str
 
 
 class Engine:
-    """Generates for many items at once: sorted by length, cut into padded micro-batches.
+    """Runs many items at once: sorted by length, cut into padded micro-batches.
 
     A micro-batch holds as many rows as fit `batch_tokens`, counting each row as the longest
     prompt in it plus the new tokens asked for (what left padding really costs).
@@ -33,28 +37,37 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
+        self.context = int(getattr(model.config, "max_position_embeddings", 8192))
         ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
         # -it models close their turn with <end_of_turn>; it ends an answer like EOS does.
         self.stop_ids = sorted(i for i in ends if i is not None and i != tokenizer.unk_token_id)
+        self.prefixes = PrefixCache(model)
+        self._json: JsonConstraint | None = None
 
-    def render(self, item: WorkItem) -> list[int]:
+    def render(self, item: WorkItem, spec: JobSpec | None = None) -> Encoded:
         """Token ids of an item: its prompt, or its messages in the model's chat format."""
-        if item.prompt is not None:
-            return list(self.tokenizer(item.prompt)["input_ids"])
-        assert item.messages is not None
+        spec = spec or JobSpec()
+        messages = item.messages
+        if item.prompt is not None and spec.chat:
+            messages = [{"role": "user", "content": spec.prefix + item.prompt}]
+        if messages is None:
+            text = spec.prefix + (item.prompt or "")
+            return Encoded(item, list(self.tokenizer(text)["input_ids"]), text)
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
-                item.messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=True
             )
         else:
-            text = gemma_turns(item.messages)
+            text = gemma_turns(messages)
         # A chat template writes <bos> itself; the fallback leaves it to the tokenizer.
         bos = self.tokenizer.bos_token
         with_bos = not (bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=with_bos)["input_ids"])
+        return Encoded(
+            item, list(self.tokenizer(text, add_special_tokens=with_bos)["input_ids"]), text
+        )
 
-    def micro_batches(self, encoded: list[_Encoded], new_tokens: int) -> Iterator[list[_Encoded]]:
-        batch: list[_Encoded] = []
+    def micro_batches(self, encoded: list[Encoded], new_tokens: int) -> Iterator[list[Encoded]]:
+        batch: list[Encoded] = []
         for row in sorted(encoded, key=lambda e: len(e.ids), reverse=True):
             # Longest first, so the first row of a batch sets its padded width.
             width = (len(batch[0].ids) if batch else len(row.ids)) + new_tokens
@@ -65,16 +78,46 @@ class Engine:
         if batch:
             yield batch
 
-    def generate(
-        self, items: Sequence[WorkItem], params: GenerationParams
-    ) -> Iterator[list[ItemResult]]:
+    def run(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
         """Results micro-batch by micro-batch, so callers can store progress as it comes."""
-        encoded = [_Encoded(item, self.render(item)) for item in items]
-        for batch in self.micro_batches(encoded, params.max_new_tokens):
-            yield self._run(batch, params)
+        encoded = [self.render(item, spec) for item in items]
+        needed = 1 if spec.choices else spec.params.max_new_tokens
+        too_long = [e for e in encoded if len(e.ids) + needed > self.context]
+        if too_long:
+            yield [
+                ItemResult(
+                    e.item.index,
+                    error=f"the prompt is {len(e.ids)} tokens; with {needed} new tokens it "
+                    f"exceeds the model's context of {self.context}",
+                )
+                for e in too_long
+            ]
+            encoded = [e for e in encoded if len(e.ids) + needed <= self.context]
+        if not encoded:
+            return
+        if spec.choices:
+            yield from self._label(encoded, ChoiceScorer(self.tokenizer, spec.choices))
+            return
+        for batch in self.micro_batches(encoded, spec.params.max_new_tokens):
+            yield self._generate(batch, spec)
 
     @torch.inference_mode()
-    def _run(self, batch: list[_Encoded], params: GenerationParams) -> list[ItemResult]:
+    def _label(self, encoded: list[Encoded], scorer: ChoiceScorer) -> Iterator[list[ItemResult]]:
+        prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
+        for batch in self.micro_batches(encoded, scorer.longest):
+            plans = [scorer.rows(e.ids, e.text) for e in batch]
+            suffixes = [row[len(prefix) :] for rows, _ in plans for row in rows]
+            logits = forward_suffixes(self.model, self.prefixes, prefix, suffixes, scorer.longest)
+            results, first = [], 0
+            for e, (rows, choice_tokens) in zip(batch, plans, strict=True):
+                mine = logits[first : first + len(rows)]
+                results.append(scorer.result(e.item.index, len(e.ids), mine, rows, choice_tokens))
+                first += len(rows)
+            yield results
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[Encoded], spec: JobSpec) -> list[ItemResult]:
+        params = spec.params
         inputs = self.tokenizer.pad(
             {"input_ids": [row.ids for row in batch]}, padding=True, return_tensors="pt"
         ).to(self.model.device)
@@ -83,6 +126,8 @@ class Engine:
         extra: dict[str, Any] = {}
         if params.stop:
             extra = {"stop_strings": params.stop, "tokenizer": self.tokenizer}
+        if spec.json_schema is not None:
+            extra["logits_processor"] = [self._json_constraint().processor(spec.json_schema)]
         output = self.model.generate(
             **inputs,
             **params.to_generate_kwargs(),
@@ -91,9 +136,15 @@ class Engine:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         new = output[:, inputs["input_ids"].shape[1] :].tolist()
-        return [self._result(row, tokens, params) for row, tokens in zip(batch, new, strict=True)]
+        return [self._result(row, tokens, spec) for row, tokens in zip(batch, new, strict=True)]
 
-    def _result(self, row: _Encoded, tokens: list[int], params: GenerationParams) -> ItemResult:
+    def _json_constraint(self) -> JsonConstraint:
+        if self._json is None:
+            self._json = JsonConstraint(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+        return self._json
+
+    def _result(self, row: Encoded, tokens: list[int], spec: JobSpec) -> ItemResult:
+        params: GenerationParams = spec.params
         finish = "length"
         # Rows that finish early are padded while the rest of the batch goes on.
         while tokens and tokens[-1] == self.tokenizer.pad_token_id:
@@ -107,10 +158,14 @@ class Engine:
         cuts = [text.find(stop) for stop in params.stop if stop in text]
         if cuts:
             finish, text = "stop", text[: min(cuts)]
+        error = None
+        if spec.json_schema is not None:
+            error = check_json(text, spec.json_schema, params.max_new_tokens)
         return ItemResult(
             index=row.item.index,
             output=text,
             finish_reason=finish,
             prompt_tokens=len(row.ids),
             completion_tokens=len(tokens),
+            error=error,
         )

@@ -17,7 +17,6 @@ from celery.signals import worker_process_init
 
 from gemma_batch.db import reset_engine, session_scope
 from gemma_batch.model_cache import get_prepared
-from gemma_batch.params import GenerationParams
 from gemma_batch.progress import ItemResult, claim_chunk, record_results
 from gemma_batch.settings import get_settings
 
@@ -52,12 +51,12 @@ def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
     if _engine is None:  # pools without child processes never send worker_process_init
         _engine = build_engine()
     with session_scope() as session:
-        params, items = claim_chunk(session, job_id, chunk, worker)
-    if not items:
+        spec, items = claim_chunk(session, job_id, chunk, worker)
+    if spec is None or not items:
         return {"stored": 0}
     done: set[int] = set()
     try:
-        for results in _engine.generate(items, GenerationParams.model_validate(params)):
+        for results in _engine.run(items, spec):
             with session_scope() as session:
                 going_on = record_results(session, job_id, results)
             done.update(result.index for result in results)

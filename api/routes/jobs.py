@@ -4,23 +4,41 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from api.deps import SessionDep, SettingsDep
+from api.forms import job_request_body, parse_form, parse_json
 from gemma_batch import jobs
-from gemma_batch.results import csv_lines, jsonl_lines
-from gemma_batch.schemas import JobCreate, JobList, JobRead
+from gemma_batch.errors import FieldError, InvalidRequest
+from gemma_batch.results import EXPORTS
+from gemma_batch.schemas import FileJob, JobCreate, JobList, JobRead
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-@router.post("", status_code=202)
-async def create_job(request: JobCreate, session: SessionDep, settings: SettingsDep) -> JobRead:
-    """Store a job and all its items, then queue them for the workers."""
-    # Tokenizing and bulk inserts block; keep them off the event loop.
-    job = await run_in_threadpool(jobs.create_job, session, request, settings)
+@router.post("", status_code=202, openapi_extra=job_request_body())
+async def create_job(request: Request, session: SessionDep, settings: SettingsDep) -> JobRead:
+    """Store a job and all its items, then queue them for the workers.
+
+    Takes JSON (`items` of prompts or chats) or a multipart upload (`file` in JSONL, CSV or
+    Parquet, with a `template` and the job settings as form fields).
+    """
+    # Tokenizing and bulk inserts block; they run off the event loop.
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form(max_part_size=settings.max_body_bytes) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequest([FieldError("file", "attach the rows as a file field 'file'")])
+            options = parse_form(FileJob, {k: v for k, v in form.items() if k != "file"})
+            job = await run_in_threadpool(
+                jobs.create_job_from_file, session, upload.file, upload.filename, options, settings
+            )
+    else:
+        body = parse_json(JobCreate, await request.body())
+        job = await run_in_threadpool(jobs.create_job, session, body, settings)
     return JobRead.of(job)
 
 
@@ -45,13 +63,16 @@ def get_job(job_id: str, session: SessionDep) -> JobRead:
 
 @router.get("/{job_id}/results", response_class=StreamingResponse)
 def get_results(
-    job_id: str, session: SessionDep, format: Literal["jsonl", "csv"] = "jsonl"
+    job_id: str, session: SessionDep, format: Literal["jsonl", "csv", "parquet"] = "jsonl"
 ) -> StreamingResponse:
-    """Finished items in order, one JSON line (or CSV row) each; partial while the job runs."""
-    jobs.get_job(session, job_id)
-    if format == "csv":
-        return StreamingResponse(csv_lines(job_id), media_type="text/csv")
-    return StreamingResponse(jsonl_lines(job_id), media_type="application/x-ndjson")
+    """Finished items in order, joined to their original fields; partial while the job runs."""
+    job = jobs.get_job(session, job_id)
+    export = EXPORTS[format]
+    return StreamingResponse(
+        export.write(job),
+        media_type=export.media_type,
+        headers={"content-disposition": f'attachment; filename="{job_id}.{format}"'},
+    )
 
 
 @router.post("/{job_id}/cancel")

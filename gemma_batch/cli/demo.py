@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_batch.cli.admin import db_upgrade
-from gemma_batch.cli.jobs import wait_with_progress
 from gemma_batch.client import Client
 from gemma_batch.model_cache import is_prepared
 from gemma_batch.prepare import prepare
@@ -31,9 +30,11 @@ def sample_rows() -> list[dict[str, str]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def label_prompt(review: str) -> str:
-    fewshot = files("gemma_batch").joinpath("data/fewshot.txt").read_text(encoding="utf-8")
-    return f"{fewshot}Review: {review}\nSentiment:"
+def fewshot() -> str:
+    return files("gemma_batch").joinpath("data/fewshot.txt").read_text(encoding="utf-8")
+
+
+TEMPLATE = "Review: {text}\nSentiment:"
 
 
 def demo() -> None:
@@ -44,21 +45,24 @@ def demo() -> None:
         console.print(f"preparing {settings.model} (once; a minute or two)…")
         prepare(settings.model, settings)
     rows = sample_rows()
-    items = [{"id": row["id"], "prompt": label_prompt(row["text"])} for row in rows]
-    params = {"max_new_tokens": 3, "stop": ["\n"]}
     with LocalStack({}, Path(settings.data_dir) / "logs", ["--device", settings.device]) as stack:
         console.print(f"API at {stack.url}, worker logs in {stack.log_dir}")
-        job = Client(stack.url).submit(settings.model, items, params, {"demo": "reviews"})
-        console.print(f"submitted {job.id} ({len(items)} reviews)")
-        info = wait_with_progress(job)
-        results = {line["id"]: line for line in job.results()}
-    table = Table("id", "review", "expected", "model said", "")
+        job = Client(stack.url).label(
+            rows, TEMPLATE, list(LABELS), settings.model, prefix=fewshot(), metadata={"demo": "1"}
+        )
+        console.print(f"submitted {job.id} ({len(rows)} reviews, labels {', '.join(LABELS)})")
+        info = job.wait(poll=0.5, progress=True)
+        results = list(job.results())
+    table = Table("id", "review", "expected", "label", "p", "")
     right = 0
-    for row in rows:
-        said = (results.get(row["id"], {}).get("output") or "").strip().lower()
-        ok = said.startswith(row["label"])
+    for row in results:
+        ok = row["label"] == row["sentiment"]
         right += ok
-        table.add_row(row["id"], row["text"][:60], row["label"], said, "✓" if ok else "✗")
+        probability = (row["label_probs"] or {}).get(row["label"], 0.0)
+        table.add_row(
+            row["id"], row["text"][:60], row["sentiment"], row["label"], f"{probability:.2f}",
+            "✓" if ok else "✗",
+        )  # fmt: skip
     console.print(table)
     console.print(
         f"job {info.id} {info.status}: accuracy {right}/{len(rows)} = {right / len(rows):.0%}"

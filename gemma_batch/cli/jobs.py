@@ -10,10 +10,10 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gemma_batch.client import Client, Job
-from gemma_batch.schemas import ItemIn, JobRead
+from gemma_batch.ingest import FORMATS
+from gemma_batch.schemas import ItemIn
 from gemma_batch.settings import get_settings
 
 console = Console(stderr=True)
@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("results")(results)
     app.command("cancel")(cancel)
+    app.command("label")(label)
 
 
 def client() -> Client:
@@ -50,25 +51,6 @@ def read_items(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-def wait_with_progress(job: Job) -> JobRead:
-    """Poll the job, showing a progress bar with counts and an ETA."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(job.id, total=job.info.counts.total, failed=0)
-
-        def show(info: JobRead) -> None:
-            done = info.counts.completed + info.counts.failed
-            progress.update(bar, completed=done, failed=info.counts.failed, description=info.status)
-
-        return job.wait(poll=0.5, on_progress=show)
-
-
 def submit(
     file: Annotated[Path, typer.Argument(help="JSONL: one {id, prompt|messages} per line.")],
     model: Annotated[str | None, typer.Option(help="Default: GEMMA_BATCH_MODEL.")] = None,
@@ -92,10 +74,23 @@ def submit(
     job = client().submit(model or get_settings().model, read_items(file), params)
     print(job.id)
     if wait:
-        info = wait_with_progress(job)
-        console.print(
-            f"{info.status}: {info.counts.completed} completed, {info.counts.failed} failed"
-        )
+        finish(job, None)
+
+
+def finish(job: Job, output: Path | None) -> None:
+    """Wait with a progress bar, say how it ended, and save the results if asked."""
+    info = job.wait(poll=0.5, progress=True)
+    console.print(f"{info.status}: {info.counts.completed} completed, {info.counts.failed} failed")
+    if output:
+        save_results(job, output)
+
+
+def save_results(job: Job, output: Path) -> None:
+    fmt = FORMATS.get(output.suffix.lower(), "jsonl")
+    with output.open("wb") as target:
+        for data in job.download(fmt):
+            target.write(data)
+    console.print(f"wrote {output}")
 
 
 def status(job_id: str) -> None:
@@ -105,17 +100,53 @@ def status(job_id: str) -> None:
 
 def results(
     job_id: str,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help=".jsonl or .csv")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help=".jsonl, .csv or .parquet")
+    ] = None,
 ) -> None:
-    """Download a job's results (what is done so far while it runs)."""
+    """Download a job's results (what is done so far while it runs); format from the name."""
     job = client().job(job_id)
-    fmt = "csv" if output and output.suffix.lower() == ".csv" else "jsonl"
-    target = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
-    for line in job.download(fmt):
-        target.write(line)
     if output:
-        target.close()
-        console.print(f"wrote {output}")
+        save_results(job, output)
+        return
+    for data in job.download("jsonl"):
+        sys.stdout.buffer.write(data)
+
+
+def label(
+    file: Annotated[Path, typer.Argument(help="Rows to label: .jsonl, .csv or .parquet.")],
+    template: Annotated[str, typer.Option(help="Prompt template with {field} placeholders.")],
+    choices: Annotated[
+        str | None, typer.Option(help="Comma-separated labels, e.g. positive,negative.")
+    ] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option(help="A JSON Schema file: structured output instead of labels.")
+    ] = None,
+    prefix_file: Annotated[
+        Path | None, typer.Option(help="Shared instruction / few-shot text put before each prompt.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Default: GEMMA_BATCH_MODEL.")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts as a user turn (-it models).")] = False,
+    max_new_tokens: int = 64,
+    wait: Annotated[bool, typer.Option(help="Wait with a progress bar.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to save (implies --wait).")
+    ] = None,
+) -> None:
+    """Label a file of rows (or get structured JSON for each); prints the job id."""
+    options: dict[str, Any] = {
+        "chat": chat,
+        "prefix": prefix_file.read_text(encoding="utf-8") if prefix_file else "",
+        "params": {"max_new_tokens": max_new_tokens},
+    }
+    if choices is not None:
+        options["choices"] = [c.strip() for c in choices.split(",")]
+    if json_schema is not None:
+        options["json_schema"] = json.loads(json_schema.read_text(encoding="utf-8"))
+    job = client().submit_file(file, template, model or get_settings().model, **options)
+    print(job.id)
+    if wait or output:
+        finish(job, output)
 
 
 def cancel(job_id: str) -> None:

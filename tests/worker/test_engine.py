@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gemma_batch.chat import gemma_turns
-from gemma_batch.params import GenerationParams
+from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import WorkItem
 from tests.conftest import TINY
 from worker.engine import Engine
@@ -32,7 +32,7 @@ def _items() -> list[WorkItem]:
 
 
 def _run(engine: Engine, items: list[WorkItem], params: GenerationParams) -> dict[int, object]:
-    return {r.index: r for batch in engine.generate(items, params) for r in batch}
+    return {r.index: r for batch in engine.run(items, JobSpec(params=params)) for r in batch}
 
 
 def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> None:
@@ -46,7 +46,7 @@ def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> No
 
 def test_micro_batches_respect_the_token_budget(fp32: tuple[object, object]) -> None:
     engine = Engine(*fp32, batch_tokens=120)
-    encoded = [engine_row for engine_row in _encode(engine)]
+    encoded = [engine.render(item) for item in _items()]
     batches = list(engine.micro_batches(encoded, new_tokens=8))
     assert sum(len(b) for b in batches) == len(PROMPTS)
     assert len(batches) > 1
@@ -55,12 +55,6 @@ def test_micro_batches_respect_the_token_budget(fp32: tuple[object, object]) -> 
         assert len(batch) == 1 or len(batch) * width <= 120
         lengths = [len(row.ids) for row in batch]
         assert lengths == sorted(lengths, reverse=True)
-
-
-def _encode(engine: Engine) -> list[object]:
-    from worker.engine import _Encoded
-
-    return [_Encoded(item, engine.render(item)) for item in _items()]
 
 
 def test_results_carry_counts_and_finish_reasons(fp32: tuple[object, object]) -> None:
@@ -100,7 +94,7 @@ def test_chat_messages_use_the_gemma_turn_format(fp32: tuple[object, object]) ->
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name a colour."},
     ]
-    ids = engine.render(WorkItem(0, None, messages))
+    ids = engine.render(WorkItem(0, None, messages)).ids
     text = tokenizer.decode(ids)
     assert text == (
         "<bos><start_of_turn>user\nBe brief.\n\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
