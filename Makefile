@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup bench-w2 bench-ingest
 
 setup:
 	scripts/bootstrap.sh demo
@@ -17,3 +17,15 @@ test:
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+# Benchmarks (docs/benchmarks.md): one command per workload.
+bench-setup: setup
+	$(PY) -m gemma_batch model prepare gemma-3-270m
+	$(PY) -m pip install -q -e ".[bench]" || echo "llama-cpp-python did not install: the benchmarks skip it"
+
+bench-w2: bench-setup
+	$(PY) -m bench.w2_label
+
+bench-ingest: bench-setup
+	scripts/bootstrap.sh test
+	$(PY) -m bench.ingest

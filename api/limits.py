@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemma_batch.errors import PayloadTooLarge
@@ -49,7 +50,11 @@ class BodySizeLimit:
             if not refused:
                 await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except ClientDisconnect:
+            if not refused:  # a real disconnect; ours was answered with the 413 already
+                raise
 
     async def _refuse(self, send: Send, limit: int) -> None:
         error = PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")

@@ -80,7 +80,8 @@ def _csv_rows(file: IO[bytes]) -> Iterator[Row]:
     except csv.Error as exc:
         raise _bad(f"row {reader.line_num}", f"is not valid CSV ({exc})") from None
     finally:
-        text.detach()
+        if not file.closed:  # hand the upload back open to whoever owns it
+            text.detach()
 
 
 def _parquet_rows(file: IO[bytes]) -> Iterator[Row]:

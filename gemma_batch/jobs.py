@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,21 +40,27 @@ class NewItem:
 
 def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
     """Refuse prompts that, with the tokens asked for, would not fit the model's context."""
-    texts = [
-        item.prompt if item.prompt is not None else gemma_turns(item.messages or [])
-        for item in batch
-    ]
     overhead = model.count_tokens([options.prefix])[0] if options.prefix else 0
     if options.chat:
         overhead += CHAT_OVERHEAD
     limit, wanted = model.context_length, options.params.max_new_tokens
+    texts = {
+        item.where: item.prompt if item.prompt is not None else gemma_turns(item.messages or [])
+        for item in batch
+    }
+    # Gemma's tokenizer never makes more tokens than UTF-8 bytes (plus <bos>), so only texts
+    # long enough to matter are tokenized: counting every row would dominate a big upload.
+    doubtful = [
+        where for where, text in texts.items() if len(text.encode()) + 1 + overhead + wanted > limit
+    ]
+    counts = model.count_tokens([texts[where] for where in doubtful])
     errors = [
         FieldError(
-            item.where,
+            where,
             f"the prompt is {tokens + overhead} tokens; with max_new_tokens {wanted} it exceeds "
             f"{options.model}'s context of {limit} tokens",
         )
-        for item, tokens in zip(batch, model.count_tokens(texts), strict=True)
+        for where, tokens in zip(doubtful, counts, strict=True)
         if tokens + overhead + wanted > limit
     ]
     if errors:
@@ -141,21 +148,7 @@ def store_job(
                 [FieldError("file", f"more rows than the limit of {settings.max_items}")]
             )
         _check_context(model, options, batch)
-        session.execute(
-            insert(Item),
-            [
-                {
-                    "job_id": job.id,
-                    "index": index,
-                    "chunk": index // size,
-                    "custom_id": item.custom_id,
-                    "prompt": item.prompt,
-                    "messages": item.messages,
-                    "fields": item.fields,
-                }
-                for index, item in enumerate(batch, start=total)
-            ],
-        )
+        insert_items(session, job.id, batch, total, size)
         total += len(batch)
     if total == 0:
         raise InvalidRequest([FieldError("file", "holds no rows")])
@@ -175,6 +168,31 @@ def store_job(
         ) from exc
     log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job
+
+
+ITEM_COLUMNS = (
+    "job_id", "index", "chunk", "custom_id", "prompt", "status", "attempts", "messages", "fields",
+)  # fmt: skip
+
+
+def insert_items(
+    session: Session, job_id: str, batch: list[NewItem], first: int, size: int
+) -> None:
+    """Insert a batch of items; on PostgreSQL with COPY, several times faster than INSERTs."""
+    rows = [
+        (job_id, index, index // size, item.custom_id, item.prompt, ItemStatus.PENDING, 0)
+        + (item.messages, item.fields)
+        for index, item in enumerate(batch, start=first)
+    ]
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        session.execute(insert(Item), [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows])
+        return
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    columns = ", ".join(f'"{name}"' for name in ITEM_COLUMNS)
+    with cursor.copy(f"COPY items ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row[:5] + tuple(None if v is None else json.dumps(v) for v in row[5:]))
 
 
 def get_job(session: Session, job_id: str) -> Job:

@@ -131,4 +131,8 @@ class ParquetExport:
         yield sink.take()
 
 
-EXPORTS: dict[str, Export] = {"jsonl": JsonlExport(), "csv": CsvExport(), "parquet": ParquetExport()}
+EXPORTS: dict[str, Export] = {
+    "jsonl": JsonlExport(),
+    "csv": CsvExport(),
+    "parquet": ParquetExport(),
+}

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         default_factory=_default_model_dir, description="Local cache of prepared models."
     )
-    quantization: Literal["nf4", "int8", "none"] = Field(
-        "nf4", description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU."
+    quantization: Literal["auto", "nf4", "int8", "none"] = Field(
+        "auto",
+        description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU; "
+        "auto = nf4 on CUDA, none on CPU (measured faster there: docs/benchmarks.md).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")

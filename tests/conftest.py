@@ -96,7 +96,7 @@ def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     yield from _use_database(make)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def sqlite_url() -> Iterator[str]:
     yield from _use_database(_sqlite_database)
 

@@ -31,7 +31,8 @@ def stack(
     module_database_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalStack]:
     logs = tmp_path_factory.mktemp("logs")
-    with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "8"}, logs) as running:
+    env = {"GEMMA_BATCH_CHUNK_SIZE": "8", "GEMMA_BATCH_QUANTIZATION": "nf4"}
+    with LocalStack(env, logs) as running:
         yield running
 
 

@@ -22,7 +22,9 @@ CHOICES = ["positive", "negative"]
 
 
 @pytest.fixture(scope="module")
-def stack(module_database_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(
+    module_database_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
     with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "5"}, tmp_path_factory.mktemp("logs")) as running:
         yield running
 
@@ -41,7 +43,9 @@ def _write(rows: list[dict[str, str]], folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_same_labels_from_jsonl_csv_and_parquet(stack: LocalStack, rows: list[dict[str, str]], tmp_path: Path) -> None:
+def test_same_labels_from_jsonl_csv_and_parquet(
+    stack: LocalStack, rows: list[dict[str, str]], tmp_path: Path
+) -> None:
     client = Client(stack.url)
     labelled = {}
     for fmt, path in _write(rows, tmp_path).items():
@@ -61,7 +65,9 @@ def test_same_labels_from_jsonl_csv_and_parquet(stack: LocalStack, rows: list[di
     assert list(frame.columns[:3]) == ["id", "text", "sentiment"]
     assert list(frame["label"]) == [label for label, _ in labelled["parquet"]]
     csv_text = b"".join(job.download("csv")).decode()
-    assert csv_text.splitlines()[0].startswith("id,text,sentiment,index,status,output,label,label_probs")
+    assert csv_text.splitlines()[0].startswith(
+        "id,text,sentiment,index,status,output,label,label_probs"
+    )
     assert len(csv_text.splitlines()) == len(rows) + 1
 
 
@@ -74,7 +80,9 @@ def test_python_client_labels_a_dataframe(stack: LocalStack, rows: list[dict[str
     assert set(frame["label"]) <= set(CHOICES)
 
 
-def test_cli_label_end_to_end(stack: LocalStack, rows: list[dict[str, str]], tmp_path: Path) -> None:
+def test_cli_label_end_to_end(
+    stack: LocalStack, rows: list[dict[str, str]], tmp_path: Path
+) -> None:
     paths = _write(rows, tmp_path)
     prefix = tmp_path / "fewshot.txt"
     prefix.write_text(fewshot())

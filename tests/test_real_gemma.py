@@ -2,39 +2,81 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jsonschema import validate
 
+from gemma_batch.cli.demo import fewshot
 from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack
 
-FEWSHOT = files("gemma_batch").joinpath("data/fewshot.txt").read_text()
+pytestmark = pytest.mark.real_model
+MODEL = "gemma-3-270m"
 
 
-@pytest.mark.real_model
-def test_real_gemma_answers_correctly(sqlite_url: str, model_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def stack(
+    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    env = {"GEMMA_BATCH_MODEL": MODEL, "GEMMA_BATCH_QUANTIZATION": "nf4"}
+    with LocalStack(env, tmp_path_factory.mktemp("real")) as running:
+        yield running
+
+
+def test_real_gemma_answers_correctly(stack: LocalStack) -> None:
     items = [
         {"id": "capital", "prompt": "The capital of France is Paris. The capital of Germany is"},
         {
             "id": "good",
-            "prompt": FEWSHOT
-            + "Review: A wonderful, joyful film. I loved every minute.\nSentiment:",
+            "prompt": "Review: A wonderful, joyful film. I loved every minute.\nSentiment:",
         },
-        {
-            "id": "bad",
-            "prompt": FEWSHOT + "Review: Dreadful. Boring, ugly and a waste of money.\nSentiment:",
-        },
+        {"id": "bad", "prompt": "Review: Dreadful. Boring, ugly and a waste of money.\nSentiment:"},
     ]
-    env = {"GEMMA_BATCH_MODEL": "gemma-3-270m", "GEMMA_BATCH_QUANTIZATION": "nf4"}
-    with LocalStack(env, tmp_path) as stack:
-        job = Client(stack.url).submit("gemma-3-270m", items, {"max_new_tokens": 4})
-        info = job.wait(poll=0.5)
-        outputs = {line["id"]: line["output"] for line in job.results()}
-        log = stack.log("worker")
+    client = Client(stack.url)
+    job = client.submit(MODEL, items[:1], {"max_new_tokens": 4})
+    label_job = {
+        "model": MODEL,
+        "items": items[1:],
+        "prefix": fewshot(),
+        "choices": ["positive", "negative"],
+    }
+    labelled = client.job(client.request("POST", "/v1/jobs", json=label_job)["id"])
+    info = job.wait(poll=0.5)
+    labelled.wait(poll=0.5)
+    log = stack.log("worker")
     assert info.status == "completed", log[-2000:]
-    assert "loaded model gemma-3-270m (nf4, cpu)" in log
-    assert outputs["capital"].strip().startswith("Berlin")
-    assert outputs["good"].strip().startswith("positive")
-    assert outputs["bad"].strip().startswith("negative")
+    assert f"loaded model {MODEL} (nf4, cpu)" in log
+    assert next(job.results())["output"].strip().startswith("Berlin")
+    answers = {line["id"]: line for line in labelled.results()}
+    assert (
+        answers["good"]["label"] == "positive" and answers["good"]["label_probs"]["positive"] > 0.5
+    )
+    assert answers["bad"]["label"] == "negative" and answers["bad"]["label_probs"]["negative"] > 0.5
+
+
+def test_json_schema_outputs_all_validate(stack: LocalStack) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "sentiment": {"enum": ["positive", "negative"]},
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["sentiment", "stars"],
+        "additionalProperties": False,
+    }
+    reviews = [
+        "Loved it, wonderful.",
+        "Terrible and boring.",
+        "Fine, nothing special.",
+        "Best ever!",
+    ]
+    items = [{"id": str(i), "prompt": f"Review: {text}\nJSON:"} for i, text in enumerate(reviews)]
+    body = {"model": MODEL, "items": items, "params": {"max_new_tokens": 32}, "json_schema": schema}
+    client = Client(stack.url)
+    job = client.job(client.request("POST", "/v1/jobs", json=body)["id"])
+    assert job.wait(poll=0.5).counts.completed == len(items)
+    for line in job.results():
+        validate(json.loads(line["output"]), schema)

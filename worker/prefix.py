@@ -14,7 +14,7 @@ import torch
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
+    """Length of the token prefix all rows share, leaving each row at least one token of its own."""
     shortest = min(len(row) for row in rows)
     first = rows[0]
     length = 0

@@ -23,7 +23,9 @@ TEMPLATE = "Review: {text}\nSentiment:"
 
 
 @pytest.fixture
-def client(database_url: str, model_dir: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(
+    database_url: str, model_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TestClient]:
     monkeypatch.setenv("GEMMA_BATCH_MAX_ITEMS", "50")
     get_settings.cache_clear()
     with TestClient(create_app()) as client:
@@ -64,15 +66,29 @@ CASES = [
     ("too many rows", "x.jsonl", GOOD * 51, {}, "more rows than the limit of 50"),
     ("empty choices", "x.jsonl", GOOD, {"choices": "[]"}, "give at least one choice"),
     ("duplicate choices", "x.jsonl", GOOD, {"choices": "yes,no,yes"}, "duplicate choices: yes"),
-    ("bad schema", "x.jsonl", GOOD, {"choices": None, "json_schema": '{"type": 12}'}, "not a valid JSON Schema"),
-    ("choices and schema", "x.jsonl", GOOD, {"json_schema": "{}"}, "either 'choices' or 'json_schema'"),
+    (
+        "bad schema",
+        "x.jsonl",
+        GOOD,
+        {"choices": None, "json_schema": '{"type": 12}'},
+        "not a valid JSON Schema",
+    ),
+    (
+        "choices and schema",
+        "x.jsonl",
+        GOOD,
+        {"json_schema": "{}"},
+        "either 'choices' or 'json_schema'",
+    ),
     ("schema not json", "x.jsonl", GOOD, {"json_schema": "{"}, "is not valid JSON"),
     ("bad template", "x.jsonl", GOOD, {"template": "Review: {text"}, "not a valid template"),
     ("template field", "x.jsonl", GOOD, {"template": "Review: {0}"}, "must name a field"),
 ]
 
 
-@pytest.mark.parametrize(("name", "filename", "data", "form", "message"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "filename", "data", "form", "message"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_upload_is_refused_and_nothing_stored(
     client: TestClient, name: str, filename: str, data: bytes, form: dict[str, str], message: str
 ) -> None:
@@ -86,7 +102,9 @@ def test_rows_keep_their_fields_in_every_format(client: TestClient) -> None:
     rows = [{"id": f"r{i}", "text": f"review {i}", "stars": i} for i in range(3)]
     files = {
         "rows.jsonl": "".join(json.dumps(r) + "\n" for r in rows).encode(),
-        "rows.csv": ("id,text,stars\n" + "".join(f"{r['id']},{r['text']},{r['stars']}\n" for r in rows)).encode(),
+        "rows.csv": (
+            "id,text,stars\n" + "".join(f"{r['id']},{r['text']},{r['stars']}\n" for r in rows)
+        ).encode(),
         "rows.parquet": _parquet(rows),
     }
     for name, data in files.items():
@@ -94,7 +112,9 @@ def test_rows_keep_their_fields_in_every_format(client: TestClient) -> None:
         assert response.status_code == 202, response.text
         with session_scope() as session:
             job = session.get(Job, response.json()["id"])
-            items = session.scalars(select(Item).where(Item.job_id == job.id).order_by(Item.index)).all()
+            items = session.scalars(
+                select(Item).where(Item.job_id == job.id).order_by(Item.index)
+            ).all()
         assert job.columns == ["id", "text", "stars"]
         assert job.choices == ["positive", "negative"]
         assert [i.custom_id for i in items] == ["r0", "r1", "r2"]

@@ -14,7 +14,9 @@ from worker.engine import Engine
 from worker.loader import load_model
 
 # Longer than the tiny model's 64-token sliding window, so the cached prefix crosses it.
-PREFIX = "Classify the reviews.\n" + "Review: fine, good and nice stuff\nSentiment: positive\n\n" * 5
+PREFIX = (
+    "Classify the reviews.\n" + "Review: fine, good and nice stuff\nSentiment: positive\n\n" * 5
+)
 PROMPTS = ["Review: I loved it\nSentiment:", "Review: awful, bad and long\nSentiment: ", "meh"]
 CHOICES = ["positive", "negative", "very mixed feelings"]
 
@@ -43,7 +45,9 @@ def test_label_probs_match_the_logits_by_hand(fp32: tuple[object, object]) -> No
     assert len(tokenizer(" very mixed feelings", add_special_tokens=False)["input_ids"]) >= 2
     engine = Engine(model, tokenizer, batch_tokens=4096)
     items = [WorkItem(i, p, None) for i, p in enumerate(PROMPTS)]
-    results = {r.index: r for b in engine.run(items, JobSpec(prefix=PREFIX, choices=CHOICES)) for r in b}
+    results = {
+        r.index: r for b in engine.run(items, JobSpec(prefix=PREFIX, choices=CHOICES)) for r in b
+    }
     assert len(tokenizer(PREFIX)["input_ids"]) > 64
     for item in items:
         expected = _by_hand(model, tokenizer, PREFIX + item.prompt)
