@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
-from api.routes import health, jobs
+from api.routes import batches, completions, files, health, jobs
 from gemma_batch.settings import get_settings
 
 
@@ -18,6 +18,9 @@ def create_app() -> FastAPI:
         version="0.1.0",
     )
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
+    app.include_router(completions.router)
     app.include_router(health.router)
     install_error_handlers(app)
     install_body_schemas(app)

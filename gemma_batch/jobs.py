@@ -17,7 +17,7 @@ from gemma_batch.errors import Conflict, FieldError, InvalidRequest, NotFound, S
 from gemma_batch.ingest import detect_format, iter_rows
 from gemma_batch.model_cache import PreparedModel, get_prepared
 from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
-from gemma_batch.queue import enqueue_chunks
+from gemma_batch.queue import BATCH_PRIORITY, enqueue_chunks
 from gemma_batch.schemas import FileJob, JobCreate, JobOptions
 from gemma_batch.settings import Settings
 from gemma_batch.templates import Template
@@ -36,6 +36,7 @@ class NewItem:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     fields: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
 
 
 def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
@@ -120,6 +121,8 @@ def store_job(
     settings: Settings,
     template: str | None = None,
     columns: dict[str, None] | None = None,
+    check_context: bool = True,
+    priority: int = BATCH_PRIORITY,
 ) -> Job:
     """Store the job and all its items in one transaction, then enqueue one task per chunk.
 
@@ -147,7 +150,8 @@ def store_job(
             raise InvalidRequest(
                 [FieldError("file", f"more rows than the limit of {settings.max_items}")]
             )
-        _check_context(model, options, batch)
+        if check_context:
+            _check_context(model, options, batch)
         insert_items(session, job.id, batch, total, size)
         total += len(batch)
     if total == 0:
@@ -157,7 +161,7 @@ def store_job(
     session.commit()
     sizes = [min(size, total - start) for start in range(0, total, size)]
     try:
-        enqueue_chunks(job.id, job.model, sizes)
+        enqueue_chunks(job.id, job.model, sizes, priority)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
         # Nothing half-done stays behind: the job is removed and the caller may simply retry.
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
@@ -170,18 +174,25 @@ def store_job(
     return job
 
 
+# Item columns written at submission; the last three hold JSON.
 ITEM_COLUMNS = (
-    "job_id", "index", "chunk", "custom_id", "prompt", "status", "attempts", "messages", "fields",
+    "job_id", "index", "chunk", "custom_id", "prompt", "status", "attempts",
+    "messages", "fields", "params",
 )  # fmt: skip
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def insert_items(
     session: Session, job_id: str, batch: list[NewItem], first: int, size: int
 ) -> None:
     """Insert a batch of items; on PostgreSQL with COPY, several times faster than INSERTs."""
+    pending = ItemStatus.PENDING.value
     rows = [
-        (job_id, index, index // size, item.custom_id, item.prompt, ItemStatus.PENDING, 0)
-        + (item.messages, item.fields)
+        (job_id, index, index // size, item.custom_id, item.prompt, pending, 0)
+        + (item.messages, item.fields, item.params)
         for index, item in enumerate(batch, start=first)
     ]
     connection = session.connection()
@@ -191,8 +202,8 @@ def insert_items(
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     columns = ", ".join(f'"{name}"' for name in ITEM_COLUMNS)
     with cursor.copy(f"COPY items ({columns}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row[:5] + tuple(None if v is None else json.dumps(v) for v in row[5:]))
+        for *plain, messages, fields, params in rows:
+            copy.write_row((*plain, _json(messages), _json(fields), _json(params)))
 
 
 def get_job(session: Session, job_id: str) -> Job:

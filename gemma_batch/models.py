@@ -36,9 +36,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def new_id(prefix: str) -> str:
+    # Time first, so ids sort by creation and serve as listing cursors.
+    return f"{prefix}{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
 def new_job_id() -> str:
-    # Time first, so ids sort by creation and serve as the listing cursor.
-    return f"job_{time.time_ns():016x}{secrets.token_hex(4)}"
+    return new_id("job_")
 
 
 class Base(DeclarativeBase):
@@ -117,6 +121,8 @@ class Item(Base):
     prompt: Mapped[str | None] = mapped_column(Text)
     messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Per-item generation settings over the job's (OpenAI batch lines each carry their own).
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
     output: Mapped[str | None] = mapped_column(Text)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
@@ -131,3 +137,43 @@ class Item(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="items")
+
+
+class File(Base):
+    """An uploaded or generated file (OpenAI Files API); the bytes live in the files folder."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file-"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Batch(Base):
+    """An OpenAI-style batch: a job underneath, with OpenAI's lifecycle on top."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("batch_"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    model: Mapped[str | None] = mapped_column(String(200))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

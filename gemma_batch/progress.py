@@ -17,6 +17,7 @@ class WorkItem:
     index: int
     prompt: str | None
     messages: list[dict[str, Any]] | None
+    params: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ def claim_chunk(
         .values(status=JobStatus.RUNNING, started_at=now)
     )
     session.commit()
-    return job_spec(job), [WorkItem(row.index, row.prompt, row.messages) for row in rows]
+    return job_spec(job), [
+        WorkItem(row.index, row.prompt, row.messages, row.params) for row in rows
+    ]
 
 
 def record_results(session: Session, job_id: str, results: list[ItemResult]) -> bool:

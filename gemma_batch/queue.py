@@ -10,6 +10,10 @@ from celery import Celery
 from gemma_batch.settings import get_settings
 
 RUN_CHUNK = "gemma_batch.run_chunk"
+# Redis has no message priorities; kombu emulates them with one list per step, and reads the
+# lowest step first. Interactive requests (/v1/chat/completions) jump ahead of batch work.
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 6
 
 
 def queue_name(model: str) -> str:
@@ -37,6 +41,10 @@ def create_celery() -> Celery:
         # A submit must not hang on a dead broker: fail fast and let the API say so.
         broker_connection_timeout=3,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        broker_transport_options={
+            "queue_order_strategy": "priority",
+            "priority_steps": [INTERACTIVE_PRIORITY, 3, BATCH_PRIORITY, 9],
+        },
     )
     return app
 
@@ -44,7 +52,9 @@ def create_celery() -> Celery:
 celery_app = create_celery()
 
 
-def enqueue_chunks(job_id: str, model: str, chunk_sizes: list[int]) -> None:
+def enqueue_chunks(
+    job_id: str, model: str, chunk_sizes: list[int], priority: int = BATCH_PRIORITY
+) -> None:
     """Send one task per chunk; the task names the job and chunk, the worker reads the rest."""
     with celery_app.producer_or_acquire() as producer:
         for chunk, size in enumerate(chunk_sizes):
@@ -53,5 +63,6 @@ def enqueue_chunks(job_id: str, model: str, chunk_sizes: list[int]) -> None:
                 args=(job_id, chunk, size),
                 queue=queue_name(model),
                 producer=producer,
+                priority=priority,
                 retry=True,
             )

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted JSON body.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted file upload.")
     max_items: int = Field(1_000_000, ge=1, description="Most items (rows) in one job.")
+    files_dir: Path = Field(
+        Path(""), description="Where uploaded and result files are kept; empty: data_dir/files."
+    )
+    max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest file for /v1/files.")
+    max_batch_requests: int = Field(50_000, ge=1, description="Most requests in one batch file.")
+    sync_timeout: float = Field(
+        120.0, gt=0, description="Seconds /v1/chat/completions waits for a worker's answer."
+    )
     worker_init_timeout: float = Field(
         600.0, gt=0, description="Seconds a worker process may take to load its model."
     )
@@ -61,6 +69,8 @@ class Settings(BaseSettings):
     def _default_database(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'gemma-batch.db').resolve()}"
+        if self.files_dir == Path(""):
+            self.files_dir = self.data_dir / "files"
         return self
 
     def masked(self) -> dict[str, str]:

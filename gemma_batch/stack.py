@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -13,6 +14,16 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If whoever started us is killed outright, we must not live on holding the queue.
+    if sys.platform == "linux":
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    os.setsid()  # our own process group, so a stop reaches the worker's children too
 
 
 def free_port() -> int:
@@ -40,7 +51,7 @@ class LocalStack(AbstractContextManager["LocalStack"]):
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # so a stop reaches the worker's own children too
+            preexec_fn=_die_with_parent,
         )
 
     def __enter__(self) -> LocalStack:

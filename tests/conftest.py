@@ -22,7 +22,8 @@ TEST_BROKER = os.environ.get("GEMMA_BATCH_TEST_BROKER_URL", "redis://127.0.0.1:6
 TEST_POSTGRES = os.environ.get(
     "GEMMA_BATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-TINY = "tiny-gemma"
+# Unique per run: a worker left over from another run must never take this run's tasks.
+TINY = f"tiny-gemma-{uuid.uuid4().hex[:6]}"
 
 os.environ.update(
     {

@@ -9,15 +9,18 @@ child that dies (a CUDA fault, the OOM killer) is replaced while its task is han
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from celery.signals import worker_process_init
 
 from gemma_batch.db import reset_engine, session_scope
 from gemma_batch.model_cache import get_prepared
-from gemma_batch.progress import ItemResult, claim_chunk, record_results
+from gemma_batch.params import GenerationParams, JobSpec
+from gemma_batch.progress import ItemResult, WorkItem, claim_chunk, record_results
 from gemma_batch.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,28 @@ def build_engine() -> Any:
     return Engine(model, tokenizer, settings.batch_tokens)
 
 
+def _run_groups(items: list[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
+    """Items with their own settings (OpenAI batch lines) run in groups of equal settings."""
+    groups: dict[str, list[WorkItem]] = {}
+    for item in items:
+        groups.setdefault(json.dumps(item.params, sort_keys=True), []).append(item)
+    for group in groups.values():
+        own = group[0].params
+        if own is None:
+            yield from _engine.run(group, spec)
+            continue
+        params = {k: v for k, v in own.items() if k != "json_schema"}
+        yield from _engine.run(
+            group,
+            spec.model_copy(
+                update={
+                    "params": GenerationParams.model_validate(params),
+                    "json_schema": own.get("json_schema"),
+                }
+            ),
+        )
+
+
 def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
     """Generate a chunk's pending items, storing each micro-batch's results as it finishes."""
     global _engine
@@ -56,7 +81,7 @@ def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
         return {"stored": 0}
     done: set[int] = set()
     try:
-        for results in _engine.run(items, spec):
+        for results in _run_groups(items, spec):
             with session_scope() as session:
                 going_on = record_results(session, job_id, results)
             done.update(result.index for result in results)

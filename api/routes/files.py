@@ -1,0 +1,55 @@
+"""/v1/files: the OpenAI Files API, for batch input and output files."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep
+from gemma_batch import files
+from gemma_batch.openai_schemas import FileObject
+
+router = APIRouter(prefix="/v1/files", tags=["openai"])
+
+
+@router.post("")
+async def upload_file(
+    file: UploadFile, purpose: Annotated[str, Form()], session: SessionDep, settings: SettingsDep
+) -> FileObject:
+    """Store a file (streamed to the files folder, never held whole in memory)."""
+    record = await run_in_threadpool(
+        files.save_upload, session, settings, file.file, file.filename or "upload.jsonl", purpose
+    )
+    return FileObject.of(record)
+
+
+@router.get("")
+def list_files(
+    session: SessionDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: str | None = None,
+) -> dict[str, Any]:
+    found = files.list_files(session, purpose, limit, after)
+    data = [FileObject.of(record) for record in found]
+    return {"object": "list", "data": data, "has_more": len(found) == limit}
+
+
+@router.get("/{file_id}")
+def get_file(file_id: str, session: SessionDep) -> FileObject:
+    return FileObject.of(files.get_file(session, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def file_content(file_id: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    record = files.get_file(session, file_id)
+    return FileResponse(files.path_of(settings, file_id), filename=record.filename)
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    files.delete_file(session, settings, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
