@@ -37,6 +37,9 @@ def create_celery() -> Celery:
         # Loading a model takes far longer than Celery's default 4 s allowance.
         worker_proc_alive_timeout=settings.worker_init_timeout,
         worker_hijack_root_logger=False,
+        # Events let Flower show each chunk task: its job id, chunk number and size, never text.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         # A submit must not hang on a dead broker: fail fast and let the API say so.
         broker_connection_timeout=3,

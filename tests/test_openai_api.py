@@ -173,3 +173,43 @@ def test_chat_completion_and_models(client: OpenAI) -> None:
         client.chat.completions.create(
             model="gemma-99b", messages=[{"role": "user", "content": "x"}]
         )
+
+
+def test_files_list_and_delete(client: OpenAI, tmp_path: Path) -> None:
+    file_id = _upload(client, [_line("x", "hi")], tmp_path)
+    assert file_id in [f.id for f in client.files.list(purpose="batch")]
+    assert client.files.content(file_id).text.startswith('{"custom_id": "x"')
+    assert client.files.delete(file_id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file_id)
+
+
+def test_expired_batch_answers_what_is_left_with_batch_expired(
+    client: OpenAI, stack: LocalStack, tmp_path: Path
+) -> None:
+    from sqlalchemy import update
+
+    from gemma_batch.db import session_scope
+    from gemma_batch.models import Batch, utcnow
+
+    lines = [_line(f"e-{i}", f"A long tale about {i}", max_tokens=40) for i in range(200)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines, tmp_path),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    with session_scope() as session:  # the 24 hours pass at once
+        session.execute(update(Batch).where(Batch.id == batch.id).values(expires_at=utcnow()))
+        session.commit()
+    done = _wait(client, batch.id)
+    assert done.status == "expired" and done.expired_at
+    expired = [
+        line
+        for line in _jsonl(client, done.error_file_id)
+        if line["error"]["code"] == "batch_expired"
+    ]
+    answered = _jsonl(client, done.output_file_id) if done.output_file_id else []
+    assert expired and len(expired) + len(answered) == 200
+    assert {line["custom_id"] for line in expired}.isdisjoint(
+        line["custom_id"] for line in answered
+    )

@@ -7,14 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from types import FrameType
 
+from gemma_batch.errors import AppError
 from gemma_batch.model_cache import get_prepared
 from gemma_batch.queue import queue_name
 from gemma_batch.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A child that dies at once (a broken GPU) must not be restarted in a tight loop.
+RESTART_PAUSE = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,24 +57,71 @@ def celery_command(spec: WorkerSpec, settings: Settings, loglevel: str) -> list[
     ]  # fmt: skip
 
 
-def run_workers(
-    settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str
-) -> int:
-    """Start the workers and wait; SIGTERM/SIGINT is passed on so each finishes its task."""
-    get_prepared(settings.model_dir, settings.model)  # fail here, clearly, not in every child
-    specs = plan_workers(settings, gpus, device)
-    children = [
-        subprocess.Popen(celery_command(spec, settings, loglevel), env=os.environ | spec.env)
-        for spec in specs
-    ]
-    for spec, child in zip(specs, children, strict=True):
+def detect_gpus() -> list[str]:
+    """The GPU ids nvidia-smi reports (no torch here: the supervisor never touches CUDA)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+class Supervisor:
+    """Keeps one worker process per spec alive: a child that dies is started again."""
+
+    def __init__(self, specs: list[WorkerSpec], settings: Settings, loglevel: str) -> None:
+        self.specs = specs
+        self.settings = settings
+        self.loglevel = loglevel
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def start(self, slot: int) -> None:
+        spec = self.specs[slot]
+        command = celery_command(spec, self.settings, self.loglevel)
+        child = subprocess.Popen(command, env=os.environ | spec.env)
+        self.children[slot] = child
         log.info("started worker %s (pid %s, %s)", spec.hostname, child.pid, spec.env)
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        for child in children:
+    def stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        # Each Celery worker finishes its current task on SIGTERM (a warm shutdown).
+        self.stopping = True
+        for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    def run(self) -> int:
+        for slot in range(len(self.specs)):
+            self.start(slot)
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        while not self.stopping:
+            for slot, child in list(self.children.items()):
+                if child.poll() is not None and not self.stopping:
+                    log.warning(
+                        "worker %s exited with %s; starting it again",
+                        self.specs[slot].hostname,
+                        child.returncode,
+                    )
+                    time.sleep(RESTART_PAUSE)
+                    self.start(slot)
+            time.sleep(0.2)
+        return max((child.wait() for child in self.children.values()), default=0)
+
+
+def run_workers(
+    settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str
+) -> int:
+    """Start the workers and keep them running until SIGTERM/SIGINT."""
+    get_prepared(settings.model_dir, settings.model)  # fail here, clearly, not in every child
+    if gpus == ["all"]:
+        gpus = detect_gpus()
+        if not gpus:
+            raise AppError("--gpus all: nvidia-smi found no GPU; use --device cpu")
+    return Supervisor(plan_workers(settings, gpus, device), settings, loglevel).run()

@@ -86,7 +86,9 @@ def run_api(
 
 
 def run_worker(
-    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1: one worker each.")] = None,
+    gpus: Annotated[
+        str | None, typer.Option(help="GPU ids, e.g. 0,1, or all: one worker process each.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
     model: Annotated[str | None, typer.Option(help="Model to serve (default: settings).")] = None,
     loglevel: str = "INFO",
