@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
-from api.routes import batches, completions, files, health, jobs
+from api.routes import batches, completions, files, health, jobs, metrics
 from gemma_batch.settings import get_settings
 
 
@@ -22,6 +22,7 @@ def create_app() -> FastAPI:
     app.include_router(batches.router)
     app.include_router(completions.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     install_error_handlers(app)
     install_body_schemas(app)
     settings = get_settings()

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     sync_timeout: float = Field(
         120.0, gt=0, description="Seconds /v1/chat/completions waits for a worker's answer."
     )
+    worker_metrics_port: int = Field(
+        9400, ge=0, le=65535, description="First worker's /metrics port (one more per GPU); 0: off."
+    )
     worker_init_timeout: float = Field(
         600.0, gt=0, description="Seconds a worker process may take to load its model."
     )

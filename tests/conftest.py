@@ -32,6 +32,7 @@ os.environ.update(
         "GEMMA_BATCH_BROKER_URL": TEST_BROKER,
         "GEMMA_BATCH_MODEL_DIR": str(_ROOT / "models"),
         "GEMMA_BATCH_MODEL": TINY,
+        "GEMMA_BATCH_WORKER_METRICS_PORT": "0",
     }
 )
 
@@ -44,12 +45,13 @@ from tests.tiny_model import build_tiny_gemma  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def _clean_broker() -> Iterator[None]:
+    """Remove this run's queues afterwards; never flush: other runs may share the broker."""
     import redis
 
-    client = redis.Redis.from_url(TEST_BROKER)
-    client.flushdb()
     yield
-    client.flushdb()
+    client = redis.Redis.from_url(TEST_BROKER)
+    for key in client.scan_iter(match=f"*{TINY}*"):
+        client.delete(key)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,9 @@ AUTH = ("watcher", "s3cret-pass")
 
 
 @pytest.fixture(scope="module")
-def stack(sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(
+    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
     with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "4"}, tmp_path_factory.mktemp("flower")) as running:
         yield running
 
@@ -49,7 +50,9 @@ def flower(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def test_flower_needs_basic_auth(flower: str) -> None:
     assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
-    assert httpx.get(f"{flower}/api/workers", auth=("watcher", "wrong"), timeout=10).status_code == 401
+    assert (
+        httpx.get(f"{flower}/api/workers", auth=("watcher", "wrong"), timeout=10).status_code == 401
+    )
 
 
 def test_flower_shows_the_worker_and_the_jobs_tasks(stack: LocalStack, flower: str) -> None:
@@ -62,12 +65,20 @@ def test_flower_shows_the_worker_and_the_jobs_tasks(stack: LocalStack, flower: s
     while True:
         tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=10).json()
         mine = [t for t in tasks.values() if job.id in (t.get("args") or "")]
-        if len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine) or time.monotonic() > deadline:
+        if (
+            len(mine) == 3
+            and all(t["state"] == "SUCCESS" for t in mine)
+            or time.monotonic() > deadline
+        ):
             break
         time.sleep(0.5)
     assert len(mine) == 3 and all(t["state"] == "SUCCESS" for t in mine), mine
     assert {t["name"] for t in mine} == {"gemma_batch.run_chunk"}
-    assert sorted(t["args"] for t in mine) == [f"('{job.id}', {c}, {n})" for c, n in ((0, 4), (1, 4), (2, 2))]
+    assert sorted(t["args"] for t in mine) == [
+        f"('{job.id}', {c}, {n})" for c, n in ((0, 4), (1, 4), (2, 2))
+    ]
     assert not any(prompt in str(t) for t in mine)
-    workers = httpx.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30).json()
+    workers = httpx.get(
+        f"{flower}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30
+    ).json()
     assert any(name.startswith("cpu@") for name in workers), workers

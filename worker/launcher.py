@@ -33,18 +33,25 @@ def plan_workers(
 ) -> list[WorkerSpec]:
     """One spec per process: a GPU id each, or a single worker on `device` (default: settings)."""
     base = {"GEMMA_BATCH_MODEL": settings.model}
+
+    def metrics_port(slot: int) -> dict[str, str]:
+        port = settings.worker_metrics_port
+        return {"GEMMA_BATCH_WORKER_METRICS_PORT": str(port + slot if port else 0)}
+
     if gpus:
         # CUDA_VISIBLE_DEVICES is read when CUDA initialises, so it is set in the child's
         # environment before the child ever imports torch: each child sees one GPU as cuda:0.
         return [
             WorkerSpec(
                 f"gpu{gpu}@%h",
-                base | {"CUDA_VISIBLE_DEVICES": gpu, "GEMMA_BATCH_DEVICE": device or "cuda"},
+                base
+                | metrics_port(slot)
+                | {"CUDA_VISIBLE_DEVICES": gpu, "GEMMA_BATCH_DEVICE": device or "cuda"},
             )
-            for gpu in gpus
+            for slot, gpu in enumerate(gpus)
         ]
     chosen = device or settings.device
-    return [WorkerSpec(f"{chosen}@%h", base | {"GEMMA_BATCH_DEVICE": chosen})]
+    return [WorkerSpec(f"{chosen}@%h", base | metrics_port(0) | {"GEMMA_BATCH_DEVICE": chosen})]
 
 
 def celery_command(spec: WorkerSpec, settings: Settings, loglevel: str) -> list[str]:

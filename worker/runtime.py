@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from gemma_batch.model_cache import get_prepared
 from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import ItemResult, WorkItem, claim_chunk, record_results
 from gemma_batch.settings import get_settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ _engine: Any = None
 def _load_engine(**_: Any) -> None:
     # The parent's pooled DB connections must not be shared with the child.
     reset_engine()
+    metrics.serve(get_settings().worker_metrics_port)
     global _engine
     _engine = build_engine()
 
@@ -43,7 +46,9 @@ def build_engine() -> Any:
 
     settings = get_settings()
     prepared = get_prepared(settings.model_dir, settings.model)
+    started = time.perf_counter()
     model, tokenizer = load_model(prepared.path, settings.quantization, settings.device)
+    metrics.MODEL_LOAD.set(time.perf_counter() - started)
     log.info("model %s ready in worker process %s", settings.model, os.getpid())
     return Engine(model, tokenizer, settings.batch_tokens)
 
@@ -81,10 +86,13 @@ def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
         return {"stored": 0}
     done: set[int] = set()
     try:
+        started = time.perf_counter()
         for results in _run_groups(items, spec):
+            metrics.observe(results, time.perf_counter() - started)
             with session_scope() as session:
                 going_on = record_results(session, job_id, results)
             done.update(result.index for result in results)
+            started = time.perf_counter()
             if not going_on:
                 log.info("job %s is over; chunk %s stops after %s items", job_id, chunk, len(done))
                 break

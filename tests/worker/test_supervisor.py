@@ -1,4 +1,4 @@
-"""`gemma-batch worker --gpus`: one pinned child per GPU, replaced when it dies, all stopped on SIGTERM.
+"""`gemma-batch worker --gpus`: a pinned child per GPU, replaced when it dies, stopped on SIGTERM.
 
 There is no GPU here: the ids are fake and `--device cpu` overrides the device; the pinning is
 read from each child's environment.
@@ -55,17 +55,23 @@ def test_supervisor_pins_replaces_and_stops(model_dir: Path, tmp_path: Path) -> 
             assert child_env["GEMMA_BATCH_DEVICE"] == "cpu"
             assert child_env["GEMMA_BATCH_MODEL"] == TINY
         hostnames = {" ".join(psutil.Process(pid).cmdline()) for pid in first.values()}
-        assert any("gpu0@" in line for line in hostnames) and any("gpu1@" in line for line in hostnames)
+        assert any("gpu0@" in line for line in hostnames) and any(
+            "gpu1@" in line for line in hostnames
+        )
 
         os.kill(first["1"], signal.SIGKILL)
-        replaced = _wait_for(lambda: (w := _workers(supervisor)).get("1") not in (None, first["1"]) and w)
+        replaced = _wait_for(
+            lambda: (w := _workers(supervisor)).get("1") not in (None, first["1"]) and w
+        )
         assert replaced["0"] == first["0"]
         assert "exited with -9; starting it again" in (tmp_path / "supervisor.log").read_text()
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         for pid in replaced.values():
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            assert (
+                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            )
     finally:
         if process.poll() is None:
             for child in supervisor.children(recursive=True):

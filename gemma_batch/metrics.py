@@ -1,0 +1,51 @@
+"""Prometheus metrics of the store and the queues, read fresh at each scrape (for the API)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import case, distinct, func, select
+
+from gemma_batch.db import session_scope
+from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus
+from gemma_batch.queue import celery_app, queue_name
+
+
+class StoreCollector(Collector):
+    """Jobs by status, items by state, and the depth of each model's queue."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with session_scope() as session:
+            jobs = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            )
+            state = case(
+                (Item.status == ItemStatus.COMPLETED, "done"),
+                (Item.status == ItemStatus.FAILED, "failed"),
+                (Item.status == ItemStatus.CANCELLED, "cancelled"),
+                (Item.attempts > 0, "running"),
+                else_="queued",
+            )
+            items = dict(session.execute(select(state, func.count()).group_by(state)).all())
+            models = session.scalars(
+                select(distinct(Job.model)).where(Job.status.not_in(FINISHED_JOB_STATES))
+            ).all()
+        by_status = GaugeMetricFamily("gemma_batch_jobs", "Jobs by status", labels=["status"])
+        for status in JobStatus:
+            by_status.add_metric([status.value], jobs.get(status.value, 0))
+        yield by_status
+        by_state = GaugeMetricFamily("gemma_batch_items", "Items by state", labels=["state"])
+        for name in ("queued", "running", "done", "failed", "cancelled"):
+            by_state.add_metric([name], items.get(name, 0))
+        yield by_state
+        depth = GaugeMetricFamily(
+            "gemma_batch_queue_depth", "Chunk tasks waiting in the broker", labels=["model"]
+        )
+        with celery_app.connection_for_read() as connection:
+            channel = connection.default_channel
+            for model in sorted(models):
+                declared = channel.queue_declare(queue_name(model), passive=True)
+                depth.add_metric([model], declared.message_count)
+        yield depth
