@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
-from api.routes import batches, completions, files, health, jobs, metrics
+from api.routes import batches, completions, files, health, jobs, metrics, ui
 from gemma_batch.settings import get_settings
+from gemma_batch.webhooks import deliver_forever
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # Job webhooks go out from the API process, which every stack runs.
+    sender = asyncio.create_task(deliver_forever(get_settings()))
+    yield
+    sender.cancel()
 
 
 def create_app() -> FastAPI:
     app = FastAPI(
         title="gemma-batch",
+        lifespan=lifespan,
         summary="Batch generation and labelling with Gemma models",
         version="0.1.0",
     )
@@ -23,6 +37,7 @@ def create_app() -> FastAPI:
     app.include_router(completions.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(ui.router)
     install_error_handlers(app)
     install_body_schemas(app)
     settings = get_settings()

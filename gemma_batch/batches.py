@@ -192,14 +192,6 @@ def cancel_batch(session: Session, settings: Settings, batch_id: str) -> Batch:
     return batch
 
 
-def list_batches(session: Session, limit: int, after: str | None) -> tuple[list[Batch], bool]:
-    query = select(Batch).order_by(Batch.id.desc()).limit(limit + 1)
-    if after:
-        query = query.where(Batch.id < after)
-    found = list(session.scalars(query))
-    return found[:limit], len(found) > limit
-
-
 def counts(session: Session, batch: Batch) -> tuple[int, int]:
     if batch.job_id is None:
         return 0, 0

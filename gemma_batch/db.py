@@ -7,13 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from gemma_batch.settings import get_settings
+
+Row = TypeVar("Row")
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -63,3 +65,18 @@ def reset_engine() -> None:
         get_engine().dispose(close=False)
     get_engine.cache_clear()
     _session_factory.cache_clear()
+
+
+def newest_first(
+    session: Session, model: type[Row], limit: int, after: str | None
+) -> tuple[list[Row], bool]:
+    """A page of rows newest first (ids sort by creation); `after` is the previous page's last id.
+
+    Also says whether more rows follow.
+    """
+    column = model.id  # type: ignore[attr-defined]
+    query = select(model).order_by(column.desc()).limit(limit + 1)
+    if after:
+        query = query.where(column < after)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import IO, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.chat import gemma_turns
@@ -140,6 +140,7 @@ def store_job(
         json_schema=spec.json_schema,
         template=template,
         meta=options.metadata,
+        callback_url=str(options.callback_url) if options.callback_url else None,
     )
     session.add(job)
     session.flush()
@@ -213,13 +214,16 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, limit: int, after: str | None) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the last id of the previous page."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
-    if after:
-        query = query.where(Job.id < after)
-    jobs = list(session.scalars(query))
-    return jobs[:limit], len(jobs) > limit
+def label_counts(session: Session, job_id: str) -> dict[str, int]:
+    job = get_job(session, job_id)
+    counted = session.execute(
+        select(Item.label, func.count())
+        .where(Item.job_id == job.id, Item.label.is_not(None))
+        .group_by(Item.label)
+    ).all()
+    found = {label: count for label, count in counted}
+    # In the job's own order, every choice shown even before it is given once.
+    return {choice: found.get(choice, 0) for choice in job.choices or sorted(found)}
 
 
 def cancel_job(session: Session, job_id: str) -> Job:

@@ -93,6 +93,10 @@ class Job(Base):
     columns: Mapped[list[str] | None] = mapped_column(JSON)
     # "metadata" is reserved on declarative classes, hence the attribute name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # Where to POST the signed job summary once the job is over, and how that went.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

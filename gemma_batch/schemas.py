@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from gemma_batch.models import Item, Job
 from gemma_batch.params import GenerationParams, JobSpec
@@ -52,6 +52,9 @@ class JobOptions(BaseModel):
     )
     json_schema: dict[str, Any] | None = Field(
         None, description="Structured output: every output validates against this JSON Schema."
+    )
+    callback_url: HttpUrl | None = Field(
+        None, description="Gets a POST of the signed job summary when the job is over."
     )
 
     @field_validator("choices")

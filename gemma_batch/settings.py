@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Key of the HMAC-SHA256 signature on job webhooks."
+    )
     flower_auth: SecretStr | None = Field(None, description="`user:password` for Flower.")
 
     batch_tokens: int = Field(

@@ -80,6 +80,12 @@ ensure_postgres() {
   postgres_answers "$url" || { echo "PostgreSQL did not answer at $url; see $dir/log" >&2; exit 1; }
 }
 
+ensure_chromium() {
+  # The dashboard test drives Debian's chromium (no browser download: the network is closed).
+  command -v chromium >/dev/null && return 0
+  apt_install chromium || { echo "the dashboard test needs chromium: run 'sudo apt-get install chromium'" >&2; exit 1; }
+}
+
 install_project
 ensure_redis
-if [ "$mode" = test ]; then ensure_postgres; fi
+if [ "$mode" = test ]; then ensure_postgres; ensure_chromium; fi

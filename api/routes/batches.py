@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep
 from gemma_batch import batches
+from gemma_batch.db import newest_first
 from gemma_batch.models import Batch
 from gemma_batch.openai_schemas import BatchCreate, BatchObject
 
@@ -36,7 +37,7 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    found, has_more = batches.list_batches(session, limit, after)
+    found, has_more = newest_first(session, Batch, limit, after)
     data = [_object(session, batches.get_batch(session, settings, b.id)) for b in found]
     return {
         "object": "list",

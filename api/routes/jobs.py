@@ -12,7 +12,9 @@ from starlette.datastructures import UploadFile
 from api.deps import SessionDep, SettingsDep
 from api.forms import job_request_body, parse_form, parse_json
 from gemma_batch import jobs
+from gemma_batch.db import newest_first
 from gemma_batch.errors import FieldError, InvalidRequest
+from gemma_batch.models import Job
 from gemma_batch.results import EXPORTS
 from gemma_batch.schemas import FileJob, JobCreate, JobList, JobRead
 
@@ -48,7 +50,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="last_id of the previous page")] = None,
 ) -> JobList:
-    page, has_more = jobs.list_jobs(session, limit, after)
+    page, has_more = newest_first(session, Job, limit, after)
     return JobList(
         data=[JobRead.of(job) for job in page],
         has_more=has_more,
@@ -73,6 +75,12 @@ def get_results(
         media_type=export.media_type,
         headers={"content-disposition": f'attachment; filename="{job_id}.{format}"'},
     )
+
+
+@router.get("/{job_id}/labels")
+def get_label_counts(job_id: str, session: SessionDep) -> dict[str, object]:
+    """How many items got each label so far (label jobs; empty for others)."""
+    return {"object": "label_counts", "data": jobs.label_counts(session, job_id)}
 
 
 @router.post("/{job_id}/cancel")

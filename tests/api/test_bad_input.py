@@ -9,10 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.main import create_app
 from gemma_batch.db import session_scope
 from gemma_batch.models import Item, Job
-from gemma_batch.settings import get_settings
 from tests.conftest import TINY
 from tests.tiny_model import CONTEXT
 
@@ -83,17 +81,6 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "items[1].id 'a' repeats items[0].id",
     ),
 ]
-
-
-@pytest.fixture
-def client(
-    database_url: str, model_dir: object, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[TestClient]:
-    monkeypatch.setenv("GEMMA_BATCH_MAX_BODY_BYTES", "100000")
-    get_settings.cache_clear()
-    with TestClient(create_app()) as client:
-        yield client
-    get_settings.cache_clear()
 
 
 def _stored() -> tuple[int, int]:

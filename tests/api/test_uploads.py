@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -13,24 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from api.main import create_app
 from gemma_batch.db import session_scope
 from gemma_batch.models import Item, Job
-from gemma_batch.settings import get_settings
 from tests.conftest import TINY
 
 TEMPLATE = "Review: {text}\nSentiment:"
-
-
-@pytest.fixture
-def client(
-    database_url: str, model_dir: object, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[TestClient]:
-    monkeypatch.setenv("GEMMA_BATCH_MAX_ITEMS", "50")
-    get_settings.cache_clear()
-    with TestClient(create_app()) as client:
-        yield client
-    get_settings.cache_clear()
 
 
 def _upload(client: TestClient, name: str, data: bytes, **form: Any) -> Any:

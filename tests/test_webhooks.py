@@ -1,0 +1,84 @@
+"""A finished job's summary is POSTed to its callback URL, signed, and retried until received."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from gemma_batch.client import Client
+from gemma_batch.stack import LocalStack
+from gemma_batch.webhooks import SIGNATURE_HEADER
+from tests.conftest import TINY
+
+SECRET = "webhook-test-secret"
+
+
+class Receiver(BaseHTTPRequestHandler):
+    received: list[tuple[bytes, str]] = []
+    failures_left = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        body = self.rfile.read(int(self.headers["content-length"]))
+        Receiver.received.append((body, self.headers.get(SIGNATURE_HEADER, "")))
+        failing = Receiver.failures_left > 0
+        Receiver.failures_left -= failing
+        self.send_response(500 if failing else 204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    Receiver.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    with LocalStack(
+        {"GEMMA_BATCH_WEBHOOK_SECRET": SECRET}, tmp_path_factory.mktemp("hooks")
+    ) as running:
+        yield running
+
+
+def test_signed_summary_is_delivered_after_retries(stack: LocalStack, receiver: str) -> None:
+    Receiver.failures_left = 2  # the receiver is down twice; the sender keeps trying
+    client = Client(stack.url)
+    body = {"model": TINY, "items": [{"prompt": "hi"}] * 3, "callback_url": receiver}
+    job = client.job(client.request("POST", "/v1/jobs", json=body)["id"])
+    assert job.wait(poll=0.3).status == "completed"
+    deadline = time.monotonic() + 60
+    while len(Receiver.received) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(Receiver.received) == 3
+    payload, signature = Receiver.received[-1]
+    expected = "sha256=" + hmac.new(SECRET.encode(), payload, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(signature, expected)
+    summary = json.loads(payload)
+    assert summary["id"] == job.id and summary["status"] == "completed"
+    assert summary["counts"] == {"total": 3, "completed": 3, "failed": 0}
+    time.sleep(2)
+    assert len(Receiver.received) == 3  # delivered once, never again
+
+
+def test_a_bad_callback_url_is_refused(stack: LocalStack) -> None:
+    body = {"model": TINY, "items": [{"prompt": "hi"}], "callback_url": "not a url"}
+    response = Client(stack.url).http.post("/v1/jobs", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "callback_url"
