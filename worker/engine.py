@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,24 +96,44 @@ class Engine:
         if not encoded:
             return
         if spec.choices:
-            yield from self._label(encoded, ChoiceScorer(self.tokenizer, spec.choices))
+            scorer = ChoiceScorer(self.tokenizer, spec.choices)
+            prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
+            for batch in self.micro_batches(encoded, scorer.longest):
+                yield self._halving_on_oom(batch, lambda b: self._label(b, scorer, prefix))
             return
         for batch in self.micro_batches(encoded, spec.params.max_new_tokens):
-            yield self._generate(batch, spec)
+            yield self._halving_on_oom(batch, lambda b: self._generate(b, spec))
+
+    def _halving_on_oom(
+        self, batch: list[Encoded], run: Callable[[list[Encoded]], list[ItemResult]]
+    ) -> list[ItemResult]:
+        """Run a micro-batch; out of GPU memory, run each half instead (no item fails for it)."""
+        try:
+            return run(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            log.warning(
+                "out of memory with %s rows; trying %s and %s", len(batch), half, len(batch) - half
+            )
+            return self._halving_on_oom(batch[:half], run) + self._halving_on_oom(batch[half:], run)
 
     @torch.inference_mode()
-    def _label(self, encoded: list[Encoded], scorer: ChoiceScorer) -> Iterator[list[ItemResult]]:
-        prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
-        for batch in self.micro_batches(encoded, scorer.longest):
-            plans = [scorer.rows(e.ids, e.text) for e in batch]
-            suffixes = [row[len(prefix) :] for rows, _ in plans for row in rows]
-            logits = forward_suffixes(self.model, self.prefixes, prefix, suffixes, scorer.longest)
-            results, first = [], 0
-            for e, (rows, choice_tokens) in zip(batch, plans, strict=True):
-                mine = logits[first : first + len(rows)]
-                results.append(scorer.result(e.item.index, len(e.ids), mine, rows, choice_tokens))
-                first += len(rows)
-            yield results
+    def _label(
+        self, batch: list[Encoded], scorer: ChoiceScorer, prefix: list[int]
+    ) -> list[ItemResult]:
+        plans = [scorer.rows(e.ids, e.text) for e in batch]
+        suffixes = [row[len(prefix) :] for rows, _ in plans for row in rows]
+        logits = forward_suffixes(self.model, self.prefixes, prefix, suffixes, scorer.longest)
+        results, first = [], 0
+        for e, (rows, choice_tokens) in zip(batch, plans, strict=True):
+            mine = logits[first : first + len(rows)]
+            results.append(scorer.result(e.item.index, len(e.ids), mine, rows, choice_tokens))
+            first += len(rows)
+        return results
 
     @torch.inference_mode()
     def _generate(self, batch: list[Encoded], spec: JobSpec) -> list[ItemResult]:

@@ -1,0 +1,85 @@
+"""W1 generate: 64 prompts of 10-45 words, 16 new tokens each, greedy, EOS ignored.
+
+Every system does the same work (EOS is ignored, so each makes exactly 16 tokens a prompt):
+- gemma-batch's engine (length-sorted micro-batches under a token budget), fp32;
+- one plain padded `generate` over all 64 prompts, fp32;
+- one `generate` per prompt, the pattern of the Gemma launch post, fp32;
+- llama.cpp (llama-cpp-python, the same GGUF, 2 threads), one prompt at a time.
+
+    .venv/bin/python -m bench.w1_generate [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import Row, console, gguf_path, model_path, print_table, timed
+from bench.prompts import prompts
+from gemma_batch.params import GenerationParams, JobSpec
+from gemma_batch.progress import WorkItem
+from worker.engine import Engine
+from worker.loader import load_model
+
+NEW = 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    texts = prompts(args.items)
+    model, tokenizer = load_model(model_path(), "none", "cpu")
+    tokens = args.items * NEW
+    rows: list[Row] = []
+
+    engine = Engine(model, tokenizer, batch_tokens=16384)
+    engine.stop_ids = []  # EOS ignored: every system makes the same number of tokens
+    items = [WorkItem(i, text, None) for i, text in enumerate(texts)]
+    spec = JobSpec(params=GenerationParams(max_new_tokens=NEW))
+    row = Row("gemma-batch engine (fp32)", args.items, tokens=tokens)
+    timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
+    rows.append(row)
+
+    @torch.inference_mode()
+    def padded() -> None:
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+
+    row = Row("padded generate, batch of all (fp32)", args.items, tokens=tokens)
+    timed(row, args.runs, padded)
+    rows.append(row)
+
+    @torch.inference_mode()
+    def one_by_one() -> None:
+        for text in texts:
+            inputs = tokenizer(text, return_tensors="pt")
+            model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+
+    row = Row("one generate per prompt (fp32)", args.items, tokens=tokens)
+    timed(row, 1, one_by_one)
+    rows.append(row)
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        console.print("llama-cpp-python is not installed (pip install '.[bench]'): skipping it")
+    else:
+        llm = Llama(str(gguf_path()), n_threads=2, n_ctx=512, verbose=False)
+
+        def llama() -> None:
+            for text in texts:
+                llm(text, max_tokens=NEW, temperature=0.0, logit_bias={llm.token_eos(): -1e9})
+                llm.reset()
+
+        row = Row("llama.cpp one at a time (2 threads)", args.items, tokens=tokens)
+        timed(row, args.runs, llama)
+        rows.append(row)
+    print_table(f"W1 generate: {args.items} prompts x {NEW} tokens", rows, rows[-1].name)
+
+
+if __name__ == "__main__":
+    main()
