@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-w2 bench-ingest
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest
 
 setup:
 	scripts/bootstrap.sh demo
@@ -23,8 +23,14 @@ bench-setup: setup
 	$(PY) -m gemma_batch model prepare gemma-3-270m
 	$(PY) -m pip install -q -e ".[bench]" || echo "llama-cpp-python did not install: the benchmarks skip it"
 
+bench-w1: bench-setup
+	$(PY) -m bench.w1_generate
+
 bench-w2: bench-setup
 	$(PY) -m bench.w2_label
+
+bench-w3: bench-setup
+	$(PY) -m bench.w3_mixed
 
 bench-ingest: bench-setup
 	scripts/bootstrap.sh test

@@ -4,10 +4,42 @@ from __future__ import annotations
 
 import random
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while rivers run to the sea and old towns sleep "
-    "under summer rain as children laugh near bright windows full of books music and bread"
-).split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "rivers",
+    "run",
+    "to",
+    "the",
+    "sea",
+    "and",
+    "old",
+    "towns",
+    "sleep",
+    "under",
+    "summer",
+    "rain",
+    "as",
+    "children",
+    "laugh",
+    "near",
+    "bright",
+    "windows",
+    "full",
+    "of",
+    "books",
+    "music",
+    "and",
+    "bread",
+]
 
 
 def prompts(count: int, low: int = 10, high: int = 45, seed: int = 0) -> list[str]:

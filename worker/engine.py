@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from gemma_batch.chat import gemma_turns
 from gemma_batch.params import GenerationParams, JobSpec
@@ -24,6 +25,21 @@ class Encoded:
     item: WorkItem
     ids: list[int]
     text: str
+    new_tokens: int = 0  # the most this row may add (its own max_new_tokens)
+
+
+class RowLimits(StoppingCriteria):
+    """Ends each row at its own max_new_tokens, so rows with different budgets share a batch."""
+
+    def __init__(self, prompt_width: int, limits: list[int]) -> None:
+        self.prompt_width = prompt_width
+        self.limits = torch.tensor(limits)
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any
+    ) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.prompt_width
+        return self.limits.to(input_ids.device) <= made  # type: ignore[return-value]
 
 
 class Engine:
@@ -66,42 +82,49 @@ class Engine:
             item, list(self.tokenizer(text, add_special_tokens=with_bos)["input_ids"]), text
         )
 
-    def micro_batches(self, encoded: list[Encoded], new_tokens: int) -> Iterator[list[Encoded]]:
+    def micro_batches(self, encoded: list[Encoded]) -> Iterator[list[Encoded]]:
+        """Rows with like budgets and lengths together, each batch under the token budget.
+
+        A padded batch costs rows x (longest prompt + most new tokens in it).
+        """
         batch: list[Encoded] = []
-        for row in sorted(encoded, key=lambda e: len(e.ids), reverse=True):
-            # Longest first, so the first row of a batch sets its padded width.
-            width = (len(batch[0].ids) if batch else len(row.ids)) + new_tokens
-            if batch and (len(batch) + 1) * width > self.batch_tokens:
+        longest = most = 0
+        for row in sorted(encoded, key=lambda e: (e.new_tokens, len(e.ids)), reverse=True):
+            wider, more = max(longest, len(row.ids)), max(most, row.new_tokens)
+            if batch and (len(batch) + 1) * (wider + more) > self.batch_tokens:
                 yield batch
-                batch = []
+                batch, wider, more = [], len(row.ids), row.new_tokens
             batch.append(row)
+            longest, most = wider, more
         if batch:
             yield batch
 
     def run(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
         """Results micro-batch by micro-batch, so callers can store progress as it comes."""
+        scorer = ChoiceScorer(self.tokenizer, spec.choices) if spec.choices else None
         encoded = [self.render(item, spec) for item in items]
-        needed = 1 if spec.choices else spec.params.max_new_tokens
-        too_long = [e for e in encoded if len(e.ids) + needed > self.context]
+        for e in encoded:
+            own = (e.item.params or {}).get("max_new_tokens", spec.params.max_new_tokens)
+            e.new_tokens = scorer.longest if scorer else own
+        too_long = [e for e in encoded if len(e.ids) + e.new_tokens > self.context]
         if too_long:
             yield [
                 ItemResult(
                     e.item.index,
-                    error=f"the prompt is {len(e.ids)} tokens; with {needed} new tokens it "
+                    error=f"the prompt is {len(e.ids)} tokens; with {e.new_tokens} new tokens it "
                     f"exceeds the model's context of {self.context}",
                 )
                 for e in too_long
             ]
-            encoded = [e for e in encoded if len(e.ids) + needed <= self.context]
+            encoded = [e for e in encoded if len(e.ids) + e.new_tokens <= self.context]
         if not encoded:
             return
-        if spec.choices:
-            scorer = ChoiceScorer(self.tokenizer, spec.choices)
+        if scorer:
             prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
-            for batch in self.micro_batches(encoded, scorer.longest):
+            for batch in self.micro_batches(encoded):
                 yield self._halving_on_oom(batch, lambda b: self._label(b, scorer, prefix))
             return
-        for batch in self.micro_batches(encoded, spec.params.max_new_tokens):
+        for batch in self.micro_batches(encoded):
             yield self._halving_on_oom(batch, lambda b: self._generate(b, spec))
 
     def _halving_on_oom(
@@ -148,9 +171,13 @@ class Engine:
             extra = {"stop_strings": params.stop, "tokenizer": self.tokenizer}
         if spec.json_schema is not None:
             extra["logits_processor"] = [self._json_constraint().processor(spec.json_schema)]
+        limits = [row.new_tokens for row in batch]
+        if min(limits) < max(limits):
+            width = inputs["input_ids"].shape[1]
+            extra["stopping_criteria"] = StoppingCriteriaList([RowLimits(width, limits)])
         output = self.model.generate(
             **inputs,
-            **params.to_generate_kwargs(),
+            **(params.to_generate_kwargs() | {"max_new_tokens": max(limits)}),
             **extra,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,

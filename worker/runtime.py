@@ -54,16 +54,21 @@ def build_engine() -> Any:
 
 
 def _run_groups(items: list[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
-    """Items with their own settings (OpenAI batch lines) run in groups of equal settings."""
+    """Items with their own settings (OpenAI batch lines) run in groups of equal settings.
+
+    Only max_new_tokens may differ inside a group: the engine ends each row at its own.
+    """
     groups: dict[str, list[WorkItem]] = {}
     for item in items:
-        groups.setdefault(json.dumps(item.params, sort_keys=True), []).append(item)
+        key = {k: v for k, v in (item.params or {}).items() if k != "max_new_tokens"}
+        groups.setdefault(json.dumps(key if item.params else None, sort_keys=True), []).append(item)
     for group in groups.values():
         own = group[0].params
         if own is None:
             yield from _engine.run(group, spec)
             continue
         params = {k: v for k, v in own.items() if k != "json_schema"}
+        params["max_new_tokens"] = max(item.params["max_new_tokens"] for item in group)  # type: ignore[index]
         yield from _engine.run(
             group,
             spec.model_copy(

@@ -47,7 +47,9 @@ def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> No
 def test_micro_batches_respect_the_token_budget(fp32: tuple[object, object]) -> None:
     engine = Engine(*fp32, batch_tokens=120)
     encoded = [engine.render(item) for item in _items()]
-    batches = list(engine.micro_batches(encoded, new_tokens=8))
+    for row in encoded:
+        row.new_tokens = 8
+    batches = list(engine.micro_batches(encoded))
     assert sum(len(b) for b in batches) == len(PROMPTS)
     assert len(batches) > 1
     for batch in batches:
@@ -118,3 +120,20 @@ def test_int8_quantizes_the_linear_layers(model_dir: Path) -> None:
 
     model, _ = load_model(model_dir / TINY, "int8", "cpu")
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+
+
+def test_rows_with_their_own_budgets_share_a_batch(fp32: tuple[object, object]) -> None:
+    budgets = [1, 7, 3, 12, 5]
+    items = [
+        WorkItem(i, p, None, {"max_new_tokens": n})
+        for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True))
+    ]
+    engine = Engine(*fp32, batch_tokens=4096)
+    batches = list(engine.run(items, JobSpec(params=GenerationParams(max_new_tokens=12))))
+    assert len(batches) == 1  # one micro-batch for all five budgets
+    for result in batches[0]:
+        own = GenerationParams(max_new_tokens=budgets[result.index])
+        alone = _run(engine, [WorkItem(result.index, PROMPTS[result.index], None)], own)
+        alone = alone[result.index]
+        assert result.output == alone.output
+        assert result.completion_tokens == alone.completion_tokens <= budgets[result.index]

@@ -7,6 +7,7 @@ read from each child's environment.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,12 @@ def test_supervisor_pins_replaces_and_stops(model_dir: Path, tmp_path: Path) -> 
             lambda: (w := _workers(supervisor)).get("1") not in (None, first["1"]) and w
         )
         assert replaced["0"] == first["0"]
-        assert "exited with -9; starting it again" in (tmp_path / "supervisor.log").read_text()
+        logged = tmp_path / "supervisor.log"
+        assert "exited with -9; starting it again" in logged.read_text()
+        # The replacement is up (Celery logs "gpu1@host ready.") before the stop.
+        _wait_for(
+            lambda: re.search(r"gpu1@\S+ ready\.", logged.read_text().split("exited with -9")[1])
+        )
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
