@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from gemma_batch import files, jobs
 from gemma_batch.db import session_scope
 from gemma_batch.errors import NotFound
-from gemma_batch.jobs import NewItem
+from gemma_batch.jobs import MAX_ID, NewItem
 from gemma_batch.model_cache import get_prepared
 from gemma_batch.models import Batch, Item, ItemStatus, Job, JobStatus, utcnow
 from gemma_batch.openai_schemas import BatchCreate, CompletionRequest, answer_body, unix
@@ -56,10 +56,9 @@ def read_requests(
                 errors.append(_error(number, "invalid_json_line", f"line {number}: {exc}"))
                 continue
             custom_id = line.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id:
-                errors.append(
-                    _error(number, "missing_custom_id", "custom_id is required", "custom_id")
-                )
+            if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_ID:
+                message = f"custom_id must be a string of 1 to {MAX_ID} characters"
+                errors.append(_error(number, "invalid_custom_id", message, "custom_id"))
                 continue
             if custom_id in seen:
                 errors.append(
@@ -81,6 +80,7 @@ def read_requests(
                 continue
             try:
                 body = CompletionRequest.model_validate(line.get("body")).for_endpoint(endpoint)
+                body.item_params()
             except (ValidationError, ValueError) as exc:
                 errors.append(_error(number, "invalid_request", _reason(exc), "body"))
                 continue
@@ -201,9 +201,10 @@ def counts(session: Session, batch: Batch) -> tuple[int, int]:
 
 def _finalize(session: Session, settings: Settings, batch: Batch, job: Job, final: str) -> None:
     # Only one reader wins the move to finalizing, so the files are written once.
+    previous = batch.status
     won = session.execute(
         update(Batch)
-        .where(Batch.id == batch.id, Batch.status == batch.status)
+        .where(Batch.id == batch.id, Batch.status == previous)
         .values(status="finalizing", finalizing_at=utcnow())
     ).rowcount
     session.commit()
@@ -211,15 +212,21 @@ def _finalize(session: Session, settings: Settings, batch: Batch, job: Job, fina
         return
     created = unix(batch.created_at) or 0
     written = {}
-    for kind, ok in (("output", True), ("error", False)):
-        lines = _lines(batch, job, created, ok=ok, final=final)
-        record = files.save_blocks(
-            session, settings, lines, f"{batch.id}_{kind}.jsonl", "batch_output"
-        )
-        if record.bytes:
-            written[f"{kind}_file_id"] = record.id
-        else:  # OpenAI leaves the id empty where there is nothing to report
-            files.delete_file(session, settings, record.id)
+    try:
+        for kind, ok in (("output", True), ("error", False)):
+            lines = _lines(batch, job, created, ok=ok, final=final)
+            name = f"{batch.id}_{kind}.jsonl"
+            record = files.save_blocks(session, settings, lines, name, "batch_output")
+            if record.bytes:
+                written[f"{kind}_file_id"] = record.id
+            else:  # OpenAI leaves the id empty where there is nothing to report
+                files.delete_file(session, settings, record.id)
+    except BaseException:
+        # Hand the batch back, so the next read finalizes it again.
+        session.rollback()
+        session.execute(update(Batch).where(Batch.id == batch.id).values(status=previous))
+        session.commit()
+        raise
     session.execute(
         update(Batch)
         .where(Batch.id == batch.id)

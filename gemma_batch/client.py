@@ -155,9 +155,10 @@ class Client:
         **options: Any,
     ) -> Job:
         """Label rows (a list of dicts or a pandas DataFrame) with one of `choices` each."""
-        if hasattr(rows, "to_dict"):
-            rows = rows.to_dict(orient="records")
-        data = "".join(json.dumps(row, default=str) + "\n" for row in rows).encode()
+        if hasattr(rows, "to_json"):  # a DataFrame: pandas writes missing cells as null
+            data = rows.to_json(orient="records", lines=True, date_format="iso").encode()
+        else:
+            data = "".join(json.dumps(row, default=str) + "\n" for row in rows).encode()
         options |= {"choices": choices, "prefix": prefix}
         return self._upload(io.BytesIO(data), "rows.jsonl", template, model, options)
 

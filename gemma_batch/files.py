@@ -36,7 +36,7 @@ def save_blocks(
     session: Session, settings: Settings, blocks: Iterable[bytes], filename: str, purpose: str
 ) -> File:
     settings.files_dir.mkdir(parents=True, exist_ok=True)
-    record = File(purpose=purpose, filename=filename, bytes=0)
+    record = File(purpose=purpose, filename=filename[-256:], bytes=0)
     session.add(record)
     session.flush()
     target = path_of(settings, record.id)
@@ -46,7 +46,8 @@ def save_blocks(
         with partial.open("wb") as out:
             for block in blocks:
                 size += len(block)
-                if size > settings.max_file_bytes:
+                # The limit is for what callers upload; results are as large as they are.
+                if purpose == "batch" and size > settings.max_file_bytes:
                     raise PayloadTooLarge(
                         f"the file is larger than {settings.max_file_bytes} bytes"
                     )

@@ -48,37 +48,59 @@ def iter_rows(file: IO[bytes], fmt: str) -> Iterator[Row]:
     yield from readers[fmt](file)
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _jsonl_rows(file: IO[bytes]) -> Iterator[Row]:
     for number, raw in enumerate(file, start=1):
         if not raw.strip():
             continue
         where = f"line {number}"
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, parse_constant=_no_constants)
         except UnicodeDecodeError:
             raise _bad(where, "is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise _bad(where, f"is not valid JSON ({exc.msg})") from None
+        except ValueError as exc:  # NaN or Infinity, which no database stores as JSON
+            raise _bad(where, str(exc)) from None
+        except RecursionError:
+            raise _bad(where, "is nested too deeply") from None
         if not isinstance(row, dict):
             raise _bad(where, f"is a JSON {type(row).__name__}, not an object")
+        if b"\\u" in raw:  # escapes can spell what UTF-8 text and the databases refuse
+            _check_text(where, row)
         yield where, row
+
+
+def _check_text(where: str, row: dict[str, Any]) -> None:
+    text = json.dumps(row, ensure_ascii=False)
+    if "\x00" in text or "\\u0000" in text:
+        raise _bad(where, "holds a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(where, "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
 
 
 def _csv_rows(file: IO[bytes]) -> Iterator[Row]:
     text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")
     reader = csv.DictReader(text, restkey="_extra")
+    number = 0  # records, not lines: a quoted value may span several lines
     try:
-        for row in reader:
-            where = f"row {reader.line_num - 1}"
+        for number, row in enumerate(reader, start=1):
+            where = f"row {number}"
             if "_extra" in row:
-                raise _bad(
-                    where, f"has more values than the {len(reader.fieldnames or [])} columns"
-                )
+                columns = len(reader.fieldnames or [])
+                raise _bad(where, f"has more values than the {columns} columns")
             yield where, row
-    except UnicodeDecodeError:
-        raise _bad(f"row {reader.line_num}", "is not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        # Decoding runs ahead of the rows, block by block: name the byte, not a row.
+        where = f"a block after row {number}"
+        raise _bad("file", f"is not UTF-8 text (byte {exc.start} of {where})") from None
     except csv.Error as exc:
-        raise _bad(f"row {reader.line_num}", f"is not valid CSV ({exc})") from None
+        raise _bad(f"row {number + 1}", f"is not valid CSV ({exc})") from None
     finally:
         if not file.closed:  # hand the upload back open to whoever owns it
             text.detach()
@@ -93,10 +115,13 @@ def _parquet_rows(file: IO[bytes]) -> Iterator[Row]:
     except (pa.ArrowInvalid, OSError) as exc:
         raise _bad("file", f"is not a valid Parquet file ({exc})") from None
     number = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH):
-        for row in batch.to_pylist():
-            number += 1
-            yield f"row {number}", {key: _jsonable(value) for key, value in row.items()}
+    try:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"row {number}", {key: _jsonable(value) for key, value in row.items()}
+    except (pa.ArrowException, OSError) as exc:
+        raise _bad(f"row {number + 1}", f"cannot be read ({exc})") from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,4 +138,6 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
-    return value
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)  # durations, intervals and the like: their text

@@ -25,6 +25,7 @@ from gemma_batch.templates import Template
 log = logging.getLogger(__name__)
 
 INSERT_BATCH = 2000
+MAX_ID = 256  # the longest caller's id the items table keeps
 # Tokens the Gemma turn format adds around a prompt in chat mode.
 CHAT_OVERHEAD = 8
 
@@ -45,6 +46,8 @@ def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewIte
     if options.chat:
         overhead += CHAT_OVERHEAD
     limit, wanted = model.context_length, options.params.max_new_tokens
+    if options.choices:  # a label needs room for its longest choice, not for generation
+        wanted = max(model.count_tokens([" " + choice for choice in options.choices]))
     texts = {
         item.where: item.prompt if item.prompt is not None else gemma_turns(item.messages or [])
         for item in batch
@@ -105,6 +108,10 @@ def create_job_from_file(
                 )
             columns.update(dict.fromkeys(row))
             row_id = row.get(request.id_field)
+            if row_id is not None and len(str(row_id)) > MAX_ID:
+                raise InvalidRequest(
+                    [FieldError("file", f"{where}: its id is over {MAX_ID} characters")]
+                )
             yield NewItem(
                 where, str(index if row_id is None else row_id), template.render(row), fields=row
             )
@@ -229,14 +236,21 @@ def label_counts(session: Session, job_id: str) -> dict[str, int]:
 def cancel_job(session: Session, job_id: str) -> Job:
     """Stop a job: pending items are cancelled, finished ones stay downloadable."""
     job = get_job(session, job_id)
-    if job.status in FINISHED_JOB_STATES:
+    # Conditional, so a job that a worker has just finished is never turned into a cancelled one.
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINISHED_JOB_STATES))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    ).rowcount
+    if not changed:
+        session.rollback()
+        session.refresh(job)
         raise Conflict(f"job '{job_id}' is already {job.status}", "job_id")
     session.execute(
         update(Item)
         .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING)
         .values(status=ItemStatus.CANCELLED)
     )
-    job.status = JobStatus.CANCELLED
-    job.finished_at = utcnow()
     session.commit()
+    session.refresh(job)
     return job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kombu.exceptions import ChannelError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import case, distinct, func, select
@@ -46,6 +47,9 @@ class StoreCollector(Collector):
         with celery_app.connection_for_read() as connection:
             channel = connection.default_channel
             for model in sorted(models):
-                declared = channel.queue_declare(queue_name(model), passive=True)
-                depth.add_metric([model], declared.message_count)
+                try:
+                    waiting = channel.queue_declare(queue_name(model), passive=True).message_count
+                except ChannelError:  # Redis drops an emptied list: nothing waits
+                    waiting = 0
+                depth.add_metric([model], waiting)
         yield depth

@@ -66,18 +66,37 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 8 non-empty strings.")
     n: int = Field(1, ge=1, le=1, description="One answer per request.")
     stream: Literal[False] = False
     response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _good_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 8 or not all(stops):
+            raise ValueError("stop takes at most 8 non-empty strings")
+        return value
 
     @field_validator("response_format")
     @classmethod
     def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None or value.get("type") == "text":
             return None
-        if value.get("type") != "json_schema" or "schema" not in value.get("json_schema", {}):
+        inner = value.get("json_schema")
+        if value.get("type") != "json_schema" or not isinstance(inner, dict):
             raise ValueError("only response_format type 'text' or 'json_schema' is supported")
+        schema = inner.get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON Schema object")
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
         return value
 
     def for_endpoint(self, endpoint: str) -> CompletionRequest:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +15,7 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 means no top-k cut.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=8)
 
     def to_generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for transformers' `generate` (stop strings are the engine's job)."""

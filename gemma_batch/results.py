@@ -113,13 +113,29 @@ class ParquetExport:
         sink = _Chunks()
         writer = None
         names = columns(job)
+        # Our own columns have fixed types, whatever the first rows hold.
+        fixed = {
+            "id": pa.string(), "index": pa.int64(), "status": pa.string(), "output": pa.string(),
+            "label": pa.string(), "label_probs": pa.string(), "finish_reason": pa.string(),
+            "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "error": pa.string(),
+        }  # fmt: skip
         for page in iter_pages(job.id):
             rows = [{name: row.get(name) for name in names} for row in page]
+            for row in rows:
+                probs = row.get("label_probs")
+                row["label_probs"] = json.dumps(probs) if probs else None
             if writer is None:
-                # The first page sets the types; a column still empty there is text.
-                schema = pa.Table.from_pylist(rows).schema
+                # The caller's fields take the types of the first page; still empty there: text.
+                inferred = pa.Table.from_pylist(rows).schema
                 schema = pa.schema(
-                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in schema]
+                    [
+                        pa.field(f.name, fixed[f.name])
+                        if f.name in fixed
+                        else f.with_type(pa.string())
+                        if pa.types.is_null(f.type)
+                        else f
+                        for f in inferred
+                    ]
                 )
                 writer = pq.ParquetWriter(sink, schema)
             writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))

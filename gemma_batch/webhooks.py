@@ -71,7 +71,7 @@ def deliver_due(settings: Settings) -> int:
         try:
             _post(url, body, headers)
             sent += 1
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # whatever the receiver did, record it and go on to the next
             log.warning("webhook of job %s to %s failed: %s", job_id, url, exc)
             with session_scope() as session:
                 session.execute(

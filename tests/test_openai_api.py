@@ -125,6 +125,16 @@ def test_unusable_files_fail_validation_with_line_numbers(client: OpenAI, tmp_pa
     assert batch.status == "failed" and batch.failed_at
     assert [(e.code, e.line) for e in batch.errors.data] == [("invalid_json_line", 2)]
 
+    bad_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}
+    bad_body = [_line("a", "hi"), _line("b", "hi", response_format=bad_format)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, bad_body, tmp_path),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    (error,) = batch.errors.data
+    assert (error.code, error.line) == ("invalid_request", 2) and "JSON Schema" in error.message
+
     duplicated = [_line("a", "hi"), _line("b", "hi"), _line("a", "again")]
     batch = client.batches.create(
         input_file_id=_upload(client, duplicated, tmp_path),
@@ -172,6 +182,10 @@ def test_chat_completion_and_models(client: OpenAI) -> None:
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(
             model="gemma-99b", messages=[{"role": "user", "content": "x"}]
+        )
+    with pytest.raises(openai.UnprocessableEntityError, match="at most 8 non-empty"):
+        client.chat.completions.create(
+            model=TINY, messages=[{"role": "user", "content": "x"}], stop=[str(i) for i in range(9)]
         )
 
 

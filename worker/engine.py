@@ -66,6 +66,13 @@ class Engine:
         messages = item.messages
         if item.prompt is not None and spec.chat:
             messages = [{"role": "user", "content": spec.prefix + item.prompt}]
+        elif messages is not None and spec.prefix:
+            # The shared prefix opens the first user turn, as it opens a plain prompt.
+            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages = [
+                m | {"content": spec.prefix + m["content"]} if i == first else m
+                for i, m in enumerate(messages)
+            ]
         if messages is None:
             text = spec.prefix + (item.prompt or "")
             return Encoded(item, list(self.tokenizer(text)["input_ids"]), text)
@@ -102,7 +109,14 @@ class Engine:
     def run(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
         """Results micro-batch by micro-batch, so callers can store progress as it comes."""
         scorer = ChoiceScorer(self.tokenizer, spec.choices) if spec.choices else None
-        encoded = [self.render(item, spec) for item in items]
+        encoded, unusable = [], []
+        for item in items:
+            try:
+                encoded.append(self.render(item, spec))
+            except Exception as exc:  # a chat template that refuses these messages, say
+                unusable.append(ItemResult(item.index, error=f"cannot render the prompt: {exc}"))
+        if unusable:
+            yield unusable
         for e in encoded:
             own = (e.item.params or {}).get("max_new_tokens", spec.params.max_new_tokens)
             e.new_tokens = scorer.longest if scorer else own

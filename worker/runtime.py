@@ -69,15 +69,23 @@ def _run_groups(items: list[WorkItem], spec: JobSpec) -> Iterator[list[ItemResul
             continue
         params = {k: v for k, v in own.items() if k != "json_schema"}
         params["max_new_tokens"] = max(item.params["max_new_tokens"] for item in group)  # type: ignore[index]
-        yield from _engine.run(
-            group,
-            spec.model_copy(
-                update={
-                    "params": GenerationParams.model_validate(params),
-                    "json_schema": own.get("json_schema"),
-                }
-            ),
-        )
+        update = {
+            "params": GenerationParams.model_validate(params),
+            "json_schema": own.get("json_schema"),
+        }
+        answered: set[int] = set()
+        try:
+            for results in _engine.run(group, spec.model_copy(update=update)):
+                answered.update(r.index for r in results)
+                yield results
+        except Exception as exc:
+            # One group's failure (a schema the grammar compiler refuses) is not the others'.
+            log.exception("a group of %s items failed", len(group))
+            yield [
+                ItemResult(item.index, error=f"{exc.__class__.__name__}: {exc}")
+                for item in group
+                if item.index not in answered
+            ]
 
 
 def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:

@@ -113,5 +113,6 @@ def run_flower(port: Annotated[int, typer.Option(help="Port Flower serves on.")]
     settings = get_settings()
     command = [sys.executable, "-m", "celery", "-A", "worker.tasks", "flower", f"--port={port}"]
     if settings.flower_auth:
-        command.append(f"--basic-auth={settings.flower_auth.get_secret_value()}")
+        # Through the environment, not the command line, which any local user can read.
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_auth.get_secret_value()
     os.execv(sys.executable, command)
