@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         16384, ge=64, description="Token budget of one micro-batch (rows x (prompt + new tokens))."
     )
     chunk_size: int = Field(64, ge=1, le=10_000, description="Items per queued task.")
+    merge_items: int = Field(
+        64, ge=0, description="A chunk smaller than this is topped up with like jobs' items."
+    )
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted JSON body.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted file upload.")
     max_items: int = Field(1_000_000, ge=1, description="Most items (rows) in one job.")

@@ -22,8 +22,11 @@ TEST_BROKER = os.environ.get("GEMMA_BATCH_TEST_BROKER_URL", "redis://127.0.0.1:6
 TEST_POSTGRES = os.environ.get(
     "GEMMA_BATCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-# Unique per run: a worker left over from another run must never take this run's tasks.
-TINY = f"tiny-gemma-{uuid.uuid4().hex[:6]}"
+# Unique per run: a worker of another run (a leftover, or a run beside this one on the same
+# broker) must never take this run's tasks, and queues are named after models.
+RUN = uuid.uuid4().hex[:6]
+TINY = f"tiny-gemma-{RUN}"
+REAL = f"gemma-3-270m-{RUN}"
 
 os.environ.update(
     {
@@ -50,7 +53,7 @@ def _clean_broker() -> Iterator[None]:
 
     yield
     client = redis.Redis.from_url(TEST_BROKER)
-    for key in client.scan_iter(match=f"*{TINY}*"):
+    for key in client.scan_iter(match=f"*{RUN}*"):
         client.delete(key)
 
 
@@ -64,10 +67,10 @@ def real_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(real_model_dir: Path) -> Path:
-    """The tests' model cache: the tiny model, and the real 270M linked in."""
+    """The tests' model cache: the tiny model, and the real 270M linked in under this run's name."""
     cache = Path(os.environ["GEMMA_BATCH_MODEL_DIR"])
     build_tiny_gemma(real_model_dir / "gemma-3-270m", cache / TINY)
-    (cache / "gemma-3-270m").symlink_to(real_model_dir / "gemma-3-270m")
+    (cache / REAL).symlink_to(real_model_dir / "gemma-3-270m")
     return cache
 
 

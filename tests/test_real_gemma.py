@@ -12,9 +12,10 @@ from jsonschema import validate
 from gemma_batch.cli.demo import fewshot
 from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack
+from tests.conftest import REAL
 
 pytestmark = pytest.mark.real_model
-MODEL = "gemma-3-270m"
+MODEL = REAL  # the real Gemma 3 270M, under this run's name
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_real_gemma_answers_correctly(stack: LocalStack) -> None:
     labelled.wait(poll=0.5)
     log = stack.log("worker")
     assert info.status == "completed", log[-2000:]
-    assert f"loaded model {MODEL} (nf4, cpu)" in log
+    assert "loaded model gemma-3-270m (nf4, cpu)" in log and f"model {MODEL} ready" in log
     assert next(job.results())["output"].strip().startswith("Berlin")
     answers = {line["id"]: line for line in labelled.results()}
     assert (

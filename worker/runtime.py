@@ -14,11 +14,13 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from celery.signals import worker_process_init
 
 from gemma_batch.db import reset_engine, session_scope
+from gemma_batch.merging import claim_companions
 from gemma_batch.model_cache import get_prepared
 from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import ItemResult, WorkItem, claim_chunk, record_results
@@ -89,21 +91,42 @@ def _run_groups(items: list[WorkItem], spec: JobSpec) -> Iterator[list[ItemResul
 
 
 def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
-    """Generate a chunk's pending items, storing each micro-batch's results as it finishes."""
+    """Generate a chunk's pending items, storing each micro-batch's results as it finishes.
+
+    A small chunk is topped up with like jobs' untried items (see gemma_batch.merging).
+    """
     global _engine
     if _engine is None:  # pools without child processes never send worker_process_init
         _engine = build_engine()
+    settings = get_settings()
     with session_scope() as session:
         spec, items = claim_chunk(session, job_id, chunk, worker)
-    if spec is None or not items:
-        return {"stored": 0}
+        if spec is None or not items:
+            return {"stored": 0}
+        work = [(job_id, item) for item in items]
+        room = settings.merge_items - len(items)
+        if room > 0:
+            work += claim_companions(session, settings.model, spec, job_id, room, worker)
+    if len(work) > len(items):
+        others = {owner for owner, _ in work[len(items) :]}
+        log.info(
+            "chunk %s of %s takes %s items of %s like jobs",
+            chunk,
+            job_id,
+            len(work) - len(items),
+            len(others),
+        )
+    # The engine sees one list; each result is mapped back to its job and index.
+    origin = [(owner, item.index) for owner, item in work]
+    batch = [
+        WorkItem(k, item.prompt, item.messages, item.params) for k, (_, item) in enumerate(work)
+    ]
     done: set[int] = set()
     try:
         started = time.perf_counter()
-        for results in _run_groups(items, spec):
+        for results in _run_groups(batch, spec):
             metrics.observe(results, time.perf_counter() - started)
-            with session_scope() as session:
-                going_on = record_results(session, job_id, results)
+            going_on = _store(origin, results, job_id)
             done.update(result.index for result in results)
             started = time.perf_counter()
             if not going_on:
@@ -112,11 +135,22 @@ def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
     except Exception as exc:
         # A failed generation must not leave items pending forever: answer them with the error.
         log.exception("job %s chunk %s failed", job_id, chunk)
-        failed = [
-            ItemResult(item.index, error=f"{exc.__class__.__name__}: {exc}")
-            for item in items
-            if item.index not in done
-        ]
-        with session_scope() as session:
-            record_results(session, job_id, failed)
+        error = f"{exc.__class__.__name__}: {exc}"
+        _store(
+            origin, [ItemResult(k, error=error) for k in range(len(batch)) if k not in done], job_id
+        )
     return {"stored": len(done)}
+
+
+def _store(origin: list[tuple[str, int]], results: list[ItemResult], own_job: str) -> bool:
+    """Write results into their own jobs; True while the chunk's own job goes on."""
+    by_job: dict[str, list[ItemResult]] = {}
+    for result in results:
+        owner, index = origin[result.index]
+        by_job.setdefault(owner, []).append(replace(result, index=index))
+    going_on = True
+    with session_scope() as session:
+        for owner, answered in by_job.items():
+            still = record_results(session, owner, answered)
+            going_on = still if owner == own_job else going_on
+    return going_on
