@@ -13,16 +13,16 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from gemma_batch import files, jobs
-from gemma_batch.db import session_scope
 from gemma_batch.errors import NotFound
 from gemma_batch.jobs import MAX_ID, NewItem
 from gemma_batch.model_cache import get_prepared
 from gemma_batch.models import Batch, Item, ItemStatus, Job, JobStatus, utcnow
 from gemma_batch.openai_schemas import BatchCreate, CompletionRequest, answer_body, unix
+from gemma_batch.results import item_pages
 from gemma_batch.schemas import JobOptions
 from gemma_batch.settings import Settings
 
@@ -240,21 +240,8 @@ def _lines(batch: Batch, job: Job, created: int, ok: bool, final: str) -> Iterat
     wanted = [ItemStatus.COMPLETED] if ok else [ItemStatus.FAILED]
     if not ok and final == "expired":
         wanted += [ItemStatus.CANCELLED, ItemStatus.PENDING]
-    last = -1
-    while True:
-        with session_scope() as session:
-            page = session.scalars(
-                select(Item)
-                .where(Item.job_id == job.id, Item.index > last, Item.status.in_(wanted))
-                .order_by(Item.index)
-                .limit(1000)
-            ).all()
-            text = "".join(json.dumps(_line(batch, item, created)) + "\n" for item in page)
-        if text:
-            yield text.encode()
-        if len(page) < 1000:
-            return
-        last = page[-1].index
+    for items in item_pages(job.id, wanted):
+        yield "".join(json.dumps(_line(batch, item, created)) + "\n" for item in items).encode()
 
 
 def _line(batch: Batch, item: Item, created: int) -> dict[str, Any]:

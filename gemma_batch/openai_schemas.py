@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gemma_batch.models import Batch, File, Item
 from gemma_batch.params import GenerationParams
+from gemma_batch.schemas import as_utc
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 def unix(moment: datetime | None) -> int | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # SQLite hands back naive datetimes; everything stored is UTC
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
+    moment = as_utc(moment)
+    return None if moment is None else int(moment.timestamp())
 
 
 class FileObject(BaseModel):

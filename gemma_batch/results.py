@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -23,24 +23,29 @@ RESULT_FIELDS = list(ResultLine.model_fields)
 DONE = (ItemStatus.COMPLETED, ItemStatus.FAILED)
 
 
-def iter_pages(job_id: str) -> Iterator[list[dict[str, Any]]]:
-    """Finished items in index order, a page at a time, as export rows."""
+def item_pages(job_id: str, statuses: Sequence[str]) -> Iterator[list[Item]]:
+    """A job's items in these states, in index order, a page at a time (each its own session)."""
     last = -1
     while True:
         with session_scope() as session:
-            items = session.scalars(
+            page = session.scalars(
                 select(Item)
-                .where(Item.job_id == job_id, Item.index > last, Item.status.in_(DONE))
+                .where(Item.job_id == job_id, Item.index > last, Item.status.in_(statuses))
                 .order_by(Item.index)
                 .limit(PAGE)
             ).all()
-            # Original fields first; a field named like a result column is shown the result.
-            page = [(item.fields or {}) | ResultLine.of(item).model_dump() for item in items]
         if page:
-            yield page
+            yield list(page)
         if len(page) < PAGE:
             return
-        last = page[-1]["index"]
+        last = page[-1].index
+
+
+def iter_pages(job_id: str) -> Iterator[list[dict[str, Any]]]:
+    """Finished items in index order, a page at a time, as export rows."""
+    for items in item_pages(job_id, DONE):
+        # Original fields first; a field named like a result column is shown the result.
+        yield [(item.fields or {}) | ResultLine.of(item).model_dump() for item in items]
 
 
 def columns(job: Job) -> list[str]:

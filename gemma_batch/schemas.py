@@ -142,7 +142,7 @@ class Counts(BaseModel):
     failed: int
 
 
-def _utc(moment: datetime | None) -> datetime | None:
+def as_utc(moment: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything stored is UTC.
     if moment is not None and moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
@@ -170,9 +170,9 @@ class JobRead(BaseModel):
             counts=Counts(total=job.total, completed=job.completed, failed=job.failed),
             params=job.params,
             metadata=job.meta,
-            created_at=_utc(job.created_at),
-            started_at=_utc(job.started_at),
-            finished_at=_utc(job.finished_at),
+            created_at=as_utc(job.created_at),
+            started_at=as_utc(job.started_at),
+            finished_at=as_utc(job.finished_at),
         )
 
 
