@@ -39,10 +39,15 @@ class Settings(BaseSettings):
     )
     quantization: Literal["auto", "nf4", "int8", "none"] = Field(
         "auto",
-        description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU; "
-        "auto = nf4 on CUDA, none on CPU (measured faster there: docs/benchmarks.md).",
+        description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU; auto = "
+        "none, or nf4 on a GPU the bf16 weights would fill past half (docs/benchmarks.md).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    static_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Static KV cache in a few fixed batch shapes, which transformers compiles "
+        "(torch.compile) on CUDA; auto = on with CUDA.",
+    )
     hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")
     webhook_secret: SecretStr | None = Field(
         None, description="Key of the HMAC-SHA256 signature on job webhooks."

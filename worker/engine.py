@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from gemma_batch.chat import gemma_turns
 from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import ItemResult, WorkItem
+from worker import decoding
 from worker.labels import ChoiceScorer
 from worker.prefix import PrefixCache, common_prefix, forward_suffixes
 from worker.structured import JsonConstraint, check_json
@@ -28,31 +28,21 @@ class Encoded:
     new_tokens: int = 0  # the most this row may add (its own max_new_tokens)
 
 
-class RowLimits(StoppingCriteria):
-    """Ends each row at its own max_new_tokens, so rows with different budgets share a batch."""
-
-    def __init__(self, prompt_width: int, limits: list[int]) -> None:
-        self.prompt_width = prompt_width
-        self.limits = torch.tensor(limits)
-
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any
-    ) -> torch.BoolTensor:
-        made = input_ids.shape[1] - self.prompt_width
-        return self.limits.to(input_ids.device) <= made  # type: ignore[return-value]
-
-
 class Engine:
     """Runs many items at once: sorted by length, cut into padded micro-batches.
 
     A micro-batch holds as many rows as fit `batch_tokens`, counting each row as the longest
-    prompt in it plus the new tokens asked for (what left padding really costs).
+    prompt in it plus the new tokens asked for (what left padding really costs). With `static`
+    (CUDA), generation uses a static KV cache in a few fixed shapes (see worker.decoding).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_tokens: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, batch_tokens: int, static: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
+        self.static = static
+        # Past the largest row bucket a batch would leave the compiled shapes.
+        self.max_rows = decoding.ROW_BUCKETS[-1] if static else None
         self.context = int(getattr(model.config, "max_position_embeddings", 8192))
         ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
         # -it models close their turn with <end_of_turn>; it ends an answer like EOS does.
@@ -98,7 +88,8 @@ class Engine:
         longest = most = 0
         for row in sorted(encoded, key=lambda e: (e.new_tokens, len(e.ids)), reverse=True):
             wider, more = max(longest, len(row.ids)), max(most, row.new_tokens)
-            if batch and (len(batch) + 1) * (wider + more) > self.batch_tokens:
+            full = len(batch) == self.max_rows
+            if batch and (full or (len(batch) + 1) * (wider + more) > self.batch_tokens):
                 yield batch
                 batch, wider, more = [], len(row.ids), row.new_tokens
             batch.append(row)
@@ -185,18 +176,17 @@ class Engine:
             extra = {"stop_strings": params.stop, "tokenizer": self.tokenizer}
         if spec.json_schema is not None:
             extra["logits_processor"] = [self._json_constraint().processor(spec.json_schema)]
-        limits = [row.new_tokens for row in batch]
-        if min(limits) < max(limits):
-            width = inputs["input_ids"].shape[1]
-            extra["stopping_criteria"] = StoppingCriteriaList([RowLimits(width, limits)])
-        output = self.model.generate(
-            **inputs,
-            **(params.to_generate_kwargs() | {"max_new_tokens": max(limits)}),
+        new = decoding.generate(
+            self.model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            [row.new_tokens for row in batch],
+            self.static,
+            **params.to_generate_kwargs(),
             **extra,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new = output[:, inputs["input_ids"].shape[1] :].tolist()
+        ).tolist()
         return [self._result(row, tokens, spec) for row, tokens in zip(batch, new, strict=True)]
 
     def _json_constraint(self) -> JsonConstraint:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 log = logging.getLogger(__name__)
@@ -19,12 +21,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_quantization(quantization: str, device: str) -> str:
-    # bitsandbytes' 4-bit kernels save GPU memory and time; on this kind of CPU they only cost
-    # time (fp32 labels 1.8x faster than nf4 in bench/w2_label), so CPUs default to none.
-    if quantization == "auto":
-        return "nf4" if device == "cuda" else "none"
-    return quantization
+def bf16_bytes(path: Path) -> int:
+    """Size of a prepared model's weights in bf16, read from the safetensors headers alone."""
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    return total * 2
+
+
+def resolve_quantization(quantization: str, device: str, path: Path) -> str:
+    """What `auto` means for this model on this device (docs/benchmarks.md has the figures).
+
+    On CPUs bitsandbytes' 4-bit kernels only cost time (fp32 labels 1.8x faster than nf4 in
+    bench/w2_label). On an H200, bf16 made 5.9x the tokens/s of nf4 at batch 64 (bench/gpu), so
+    nf4 is kept for cards where the bf16 weights would take over half the memory and leave too
+    little for the KV cache.
+    """
+    if quantization != "auto":
+        return quantization
+    if device != "cuda":
+        return "none"
+    room = torch.cuda.get_device_properties(0).total_memory / 2
+    return "none" if bf16_bytes(path) <= room else "nf4"
 
 
 def _load_options(quantization: str, device: str) -> dict[str, Any]:
@@ -40,12 +59,11 @@ def _load_options(quantization: str, device: str) -> dict[str, Any]:
     return {"dtype": compute}
 
 
-def load_model(path: Path, quantization: str, device: str) -> tuple[Any, Any]:
-    """The model in eval mode and its tokenizer (left padding, for batched generation)."""
+def load_weights(path: Path, quantization: str, device: str) -> Any:
+    """The model alone, in eval mode (the GPU benchmark has weights but no tokenizer)."""
     device = resolve_device(device)
-    quantization = resolve_quantization(quantization, device)
+    quantization = resolve_quantization(quantization, device, path)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(
         path,
         device_map={"": device},
@@ -60,4 +78,10 @@ def load_model(path: Path, quantization: str, device: str) -> tuple[Any, Any]:
         device,
         time.perf_counter() - started,
     )
-    return model, tokenizer
+    return model
+
+
+def load_model(path: Path, quantization: str, device: str) -> tuple[Any, Any]:
+    """The model and its tokenizer (left padding, for batched generation)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return load_weights(path, quantization, device), tokenizer

@@ -44,7 +44,7 @@ def _load_engine(**_: Any) -> None:
 def build_engine() -> Any:
     """Load the configured model from the local cache (imports torch, so only in workers)."""
     from worker.engine import Engine
-    from worker.loader import load_model
+    from worker.loader import load_model, resolve_device
 
     settings = get_settings()
     prepared = get_prepared(settings.model_dir, settings.model)
@@ -52,7 +52,9 @@ def build_engine() -> Any:
     model, tokenizer = load_model(prepared.path, settings.quantization, settings.device)
     metrics.MODEL_LOAD.set(time.perf_counter() - started)
     log.info("model %s ready in worker process %s", settings.model, os.getpid())
-    return Engine(model, tokenizer, settings.batch_tokens)
+    on_cuda = resolve_device(settings.device) == "cuda"
+    static = settings.static_cache == "on" or (settings.static_cache == "auto" and on_cuda)
+    return Engine(model, tokenizer, settings.batch_tokens, static)
 
 
 def _run_groups(items: list[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:

@@ -137,3 +137,28 @@ def test_rows_with_their_own_budgets_share_a_batch(fp32: tuple[object, object]) 
         alone = alone[result.index]
         assert result.output == alone.output
         assert result.completion_tokens == alone.completion_tokens <= budgets[result.index]
+
+
+def test_static_cache_shapes_give_the_same_tokens(fp32: tuple[object, object]) -> None:
+    # The CUDA path (static cache, rows padded to a bucket) run eagerly here: the padding rows
+    # and the bucketed cache must not change any real row's tokens, even with per-row budgets.
+    items = [
+        WorkItem(i, p, None, {"max_new_tokens": n})
+        for i, (p, n) in enumerate(zip(PROMPTS, [12, 3, 7, 12, 1], strict=True))
+    ]
+    params = GenerationParams(max_new_tokens=12)
+    plain = _run(Engine(*fp32, batch_tokens=4096), items, params)
+    static = _run(Engine(*fp32, batch_tokens=4096, static=True), items, params)
+    for index, result in plain.items():
+        assert static[index].output == result.output
+        assert static[index].completion_tokens == result.completion_tokens
+
+
+def test_static_micro_batches_stop_at_the_largest_row_bucket(
+    fp32: tuple[object, object],
+) -> None:
+    engine = Engine(*fp32, batch_tokens=10**6, static=True)
+    encoded = [engine.render(WorkItem(i, "Hi", None)) for i in range(300)]
+    for row in encoded:
+        row.new_tokens = 4
+    assert [len(b) for b in engine.micro_batches(encoded)] == [256, 44]

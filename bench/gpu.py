@@ -1,0 +1,201 @@
+"""GPU figures on gemma-2b and gemma-7b shapes with random weights (a GPU box may have no hub).
+
+For each model and precision, through the engine's decoding path (worker.decoding):
+- decode step time at batch 1, eager with a dynamic cache and with the static cache that
+  transformers compiles on CUDA, against the HBM roofline (weight bytes / measured copy
+  bandwidth: at batch 1 every step reads every weight once);
+- output tokens/s at batch 1 to 256 (64-token prompts, 128 new tokens, EOS ignored).
+NF4 goes through the worker's own loader (bitsandbytes) from a saved copy of the bf16 weights.
+
+    python -m bench.gpu [--archs gemma-2b,gemma-7b] [--budget SECONDS] [--out FILE]
+
+`--archs gemma-tiny` runs the whole script in seconds, on the CPU too, to check it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GemmaConfig, GemmaForCausalLM
+
+from worker import decoding
+from worker.loader import load_weights
+
+ARCHS: dict[str, dict[str, int]] = {
+    "gemma-2b": {
+        "hidden_size": 2048,
+        "intermediate_size": 16384,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+    },
+    "gemma-7b": {
+        "hidden_size": 3072,
+        "intermediate_size": 24576,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+    },
+    "gemma-tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+}
+PROMPT, NEW = 64, 128
+SWEEP = (8, 32, 64, 128, 256)  # batch 1 is measured eager and static first
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second a device-to-device copy moves, counting bytes read and written."""
+    size = 2**31 if device == "cuda" else 2**26
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    started = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    return 2 * size * 10 / (time.perf_counter() - started)
+
+
+def build(arch: str, device: str) -> Any:
+    config = GemmaConfig(
+        **ARCHS[arch],
+        head_dim=256 if arch != "gemma-tiny" else 32,
+        vocab_size=256000,
+        max_position_embeddings=8192,
+        hidden_activation="gelu_pytorch_tanh",
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = GemmaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def weight_bytes(model: Any) -> int:
+    # Embeddings are tied to the output layer: counted once, as they are read once a step.
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def timed(model: Any, rows: int, new: int, static: bool) -> float:
+    ids = torch.randint(10, 250000, (rows, PROMPT), device=model.device)
+    mask = torch.ones_like(ids)
+    sync()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = decoding.generate(
+            model, ids, mask, [new] * rows, static, do_sample=False, min_new_tokens=new
+        )
+    sync()
+    assert out.shape == (rows, new)
+    return time.perf_counter() - started
+
+
+def measure(model: Any, rows: int, static: bool) -> dict[str, float]:
+    """Output tokens/s of a whole batch and the time of one decoding step (prefill taken off)."""
+    timed(model, rows, NEW, static)  # compiles or captures this shape
+    timed(model, rows, 1, static)
+    whole = min(timed(model, rows, NEW, static) for _ in range(2))
+    prefill = min(timed(model, rows, 1, static) for _ in range(2))
+    return {
+        "rows": rows,
+        "tok_s": rows * NEW / whole,
+        "step_ms": 1000 * (whole - prefill) / (NEW - 1),
+    }
+
+
+class Report:
+    def __init__(self, out: Path | None, budget: float) -> None:
+        self.out, self.deadline, self.rows = out, time.monotonic() + budget, []
+
+    def time_left(self) -> bool:
+        return time.monotonic() < self.deadline
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out:
+            self.out.write_text(json.dumps(self.rows, indent=1))
+
+
+def run_model(
+    model: Any, name: str, precision: str, bandwidth: float, report: Report, sweep: tuple[int, ...]
+) -> None:
+    size = weight_bytes(model)
+    roofline = bandwidth / size
+    common = {"model": name, "precision": precision, "weights_gb": round(size / 1e9, 2)}
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for static in (False, True):
+        one = measure(model, 1, static)
+        report.add(
+            **common,
+            mode="static" if static else "eager",
+            **one,
+            roofline_tok_s=round(roofline, 1),
+            of_roofline=round(1000 / one["step_ms"] / roofline, 3),
+        )
+    for rows in sweep:
+        if not report.time_left():
+            report.add(**common, rows=rows, skipped="time budget")
+            continue
+        report.add(**common, mode="static", **measure(model, rows, True))
+    report.add(
+        **common,
+        graphs_compiled=torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", default="gemma-2b,gemma-7b")
+    parser.add_argument("--precisions", default="bf16,nf4")
+    parser.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = Report(args.out, args.budget)
+    bandwidth = copy_bandwidth(device)
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report.add(device=card, torch=torch.__version__, copy_gb_s=round(bandwidth / 1e9, 1))
+    for arch in args.archs.split(","):
+        if not report.time_left():
+            report.add(model=arch, skipped="time budget")
+            continue
+        model = build(arch, device)
+        if "bf16" in args.precisions:
+            run_model(model, arch, "bf16" if device == "cuda" else "fp32", bandwidth, report, SWEEP)
+        if "nf4" in args.precisions and report.time_left():
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                del model
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                model = load_weights(Path(folder), "nf4", device)
+            # NF4 against bf16 where batches are large enough to matter.
+            run_model(model, arch, "nf4", bandwidth, report, (64, 256))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
