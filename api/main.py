@@ -12,16 +12,22 @@ from api.errors import install_error_handlers
 from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
 from api.routes import batches, completions, files, health, jobs, metrics, ui
+from gemma_batch.reconciler import reconcile_forever
 from gemma_batch.settings import get_settings
 from gemma_batch.webhooks import deliver_forever
 
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    # Job webhooks go out from the API process, which every stack runs.
-    sender = asyncio.create_task(deliver_forever(get_settings()))
+    # Webhooks and the sweep for lost tasks run in the API process, which every stack runs.
+    settings = get_settings()
+    loops = [
+        asyncio.create_task(deliver_forever(settings)),
+        asyncio.create_task(reconcile_forever(settings)),
+    ]
     yield
-    sender.cancel()
+    for loop in loops:
+        loop.cancel()
 
 
 def create_app() -> FastAPI:

@@ -169,7 +169,7 @@ def store_job(
     session.commit()
     sizes = [min(size, total - start) for start in range(0, total, size)]
     try:
-        enqueue_chunks(job.id, job.model, sizes, priority)
+        enqueue_chunks(job.id, job.model, list(enumerate(sizes)), priority)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
         # Nothing half-done stays behind: the job is removed and the caller may simply retry.
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
@@ -178,6 +178,8 @@ def store_job(
         raise ServiceUnavailable(
             f"the job queue is unreachable ({exc}); nothing was stored"
         ) from exc
+    job.dispatched_at = utcnow()
+    session.commit()
     log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job
 

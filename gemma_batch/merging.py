@@ -9,12 +9,12 @@ the items are done the messages find nothing left to do.
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gemma_batch.models import Item, ItemStatus, Job, JobStatus, utcnow
 from gemma_batch.params import JobSpec
-from gemma_batch.progress import WorkItem, job_spec
+from gemma_batch.progress import Claimed, job_spec, lease_free, take_leases
 
 # How many open jobs are looked at for companions (oldest first).
 JOBS_SCANNED = 200
@@ -24,9 +24,15 @@ SMALL_JOB = 10
 
 
 def claim_companions(
-    session: Session, model: str, spec: JobSpec, own_job: str, room: int, worker: str
-) -> list[tuple[str, WorkItem]]:
-    """Up to `room` untried pending items of other open jobs like this one, claimed for `worker`."""
+    session: Session,
+    model: str,
+    spec: JobSpec,
+    own_job: str,
+    room: int,
+    worker: str,
+    lease_seconds: float,
+) -> list[Claimed]:
+    """Up to `room` untried, unleased pending items of other open jobs like this one."""
     jobs = session.scalars(
         select(Job)
         .where(
@@ -41,27 +47,21 @@ def claim_companions(
     alike = [job.id for job in jobs if job_spec(job) == spec]
     if not alike or room <= 0:
         return []
-    candidates = session.scalars(
+    candidates = (
         select(Item.id)
-        .where(Item.job_id.in_(alike), Item.status == ItemStatus.PENDING, Item.attempts == 0)
+        .where(
+            Item.job_id.in_(alike),
+            Item.status == ItemStatus.PENDING,
+            Item.attempts == 0,
+            lease_free(utcnow()),
+        )
         .order_by(Item.job_id, Item.index)
         .limit(room)
-    ).all()
-    now = utcnow()
-    # Conditional on attempts == 0, so two workers never take the same item this way.
-    claimed = session.scalars(
-        update(Item)
-        .where(Item.id.in_(candidates), Item.attempts == 0)
-        .values(attempts=Item.attempts + 1, worker=worker, started_at=now)
-        .returning(Item.id)
-    ).all()
-    rows = session.scalars(
-        select(Item).where(Item.id.in_(claimed)).order_by(Item.job_id, Item.index)
-    ).all()
-    session.execute(
-        update(Job)
-        .where(Job.id.in_({row.job_id for row in rows}), Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, started_at=now)
     )
-    session.commit()
-    return [(row.job_id, WorkItem(row.index, row.prompt, row.messages, row.params)) for row in rows]
+    # Only untried items: one that was in a batch that killed its worker runs alone instead.
+    return take_leases(
+        session,
+        [Item.id.in_(candidates.scalar_subquery()), Item.attempts == 0],
+        worker,
+        lease_seconds,
+    )

@@ -97,6 +97,10 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     webhook_error: Mapped[str | None] = mapped_column(Text)
+    # A client's retry of the same submission (Idempotency-Key header) finds this job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # Set once every chunk is enqueued; the reconciler leaves jobs alone until then.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -135,8 +139,11 @@ class Item(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+    # Runs this item started; one that keeps killing its worker is failed (worker.runtime).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: which worker process holds the item, and until when unless it renews.
     worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

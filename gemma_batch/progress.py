@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import ColumnElement, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
@@ -42,36 +43,88 @@ def job_spec(job: Job) -> JobSpec:
     )
 
 
-def claim_chunk(
-    session: Session, job_id: str, chunk: int, worker: str
-) -> tuple[JobSpec | None, list[WorkItem]]:
-    """The job's spec and the chunk's items still pending; nothing if the job is over.
+@dataclass(frozen=True)
+class Claimed:
+    """An item a worker holds the lease on, with how many runs it has started before."""
 
-    Items already done (a redelivered chunk) are skipped, so no result is computed for nothing.
+    job_id: str
+    item_id: int
+    attempts: int
+    item: WorkItem
+
+
+def lease_free(now: datetime) -> ColumnElement[bool]:
+    return or_(Item.lease_until.is_(None), Item.lease_until < now)
+
+
+def take_leases(
+    session: Session, where: list[ColumnElement[bool]], worker: str, lease_seconds: float
+) -> list[Claimed]:
+    """Lease the pending items matching `where` that no live worker holds.
+
+    One conditional UPDATE: of two workers racing for the same rows, only one gets each row.
+    """
+    now = utcnow()
+    ids = session.scalars(
+        update(Item)
+        .where(*where, Item.status == ItemStatus.PENDING, lease_free(now))
+        .values(worker=worker, lease_until=now + timedelta(seconds=lease_seconds))
+        .returning(Item.id)
+    ).all()
+    rows = session.scalars(
+        select(Item).where(Item.id.in_(ids)).order_by(Item.job_id, Item.index)
+    ).all()
+    session.execute(
+        update(Job)
+        .where(Job.id.in_({row.job_id for row in rows}), Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=now)
+    )
+    session.commit()
+    return [
+        Claimed(
+            row.job_id,
+            row.id,
+            row.attempts,
+            WorkItem(row.index, row.prompt, row.messages, row.params),
+        )
+        for row in rows
+    ]
+
+
+def claim_chunk(
+    session: Session, job_id: str, chunk: int, worker: str, lease_seconds: float
+) -> tuple[JobSpec | None, list[Claimed]]:
+    """The job's spec and the chunk's pending items this worker now leases.
+
+    Items already done (a redelivered chunk) or leased by a live worker (a chunk handed out
+    twice) are skipped, so nothing is computed twice; the job over, nothing is claimed.
     """
     job = session.get(Job, job_id)
     if job is None or job.status in FINISHED_JOB_STATES:
         return None, []
-    rows = session.scalars(
-        select(Item)
-        .where(Item.job_id == job_id, Item.chunk == chunk, Item.status == ItemStatus.PENDING)
-        .order_by(Item.index)
-    ).all()
-    now = utcnow()
+    claimed = take_leases(
+        session, [Item.job_id == job_id, Item.chunk == chunk], worker, lease_seconds
+    )
+    return job_spec(job), claimed
+
+
+def mark_started(session: Session, item_ids: list[int]) -> None:
+    """Count a run of these items before it starts: a run that kills its worker still counts."""
     session.execute(
         update(Item)
-        .where(Item.id.in_([row.id for row in rows]))
-        .values(attempts=Item.attempts + 1, worker=worker, started_at=now)
-    )
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, started_at=now)
+        .where(Item.id.in_(item_ids))
+        .values(attempts=Item.attempts + 1, started_at=utcnow())
     )
     session.commit()
-    return job_spec(job), [
-        WorkItem(row.index, row.prompt, row.messages, row.params) for row in rows
-    ]
+
+
+def renew_leases(session: Session, item_ids: list[int], worker: str, lease_seconds: float) -> None:
+    session.execute(
+        update(Item)
+        .where(Item.id.in_(item_ids), Item.worker == worker, Item.status == ItemStatus.PENDING)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
 
 
 def record_results(session: Session, job_id: str, results: list[ItemResult]) -> bool:

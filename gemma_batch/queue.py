@@ -5,9 +5,13 @@ Nothing here imports torch: importing this module is cheap for the API.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from gemma_batch.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 RUN_CHUNK = "gemma_batch.run_chunk"
 # Redis has no message priorities; kombu emulates them with one list per step, and reads the
@@ -23,6 +27,13 @@ def queue_name(model: str) -> str:
 
 def create_celery() -> Celery:
     settings = get_settings()
+    if settings.task_time_limit >= settings.visibility_timeout:
+        log.warning(
+            "task_time_limit (%ss) is not below visibility_timeout (%ss): a long chunk may be "
+            "handed to a second worker while it runs (its lease keeps it from running twice)",
+            settings.task_time_limit,
+            settings.visibility_timeout,
+        )
     app = Celery("gemma_batch", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         # Only JSON travels: tasks carry ids, never pickled objects.
@@ -44,7 +55,12 @@ def create_celery() -> Celery:
         # A submit must not hang on a dead broker: fail fast and let the API say so.
         broker_connection_timeout=3,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        # Set together (README, "Guarantees"): a chunk is killed at its time limit before Redis
+        # would hand it to another worker; should it be handed out anyway, the SQL lease keeps
+        # the second delivery from computing what the first is computing.
+        task_time_limit=settings.task_time_limit,
         broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
             "queue_order_strategy": "priority",
             "priority_steps": [INTERACTIVE_PRIORITY, 3, BATCH_PRIORITY, 9],
         },
@@ -56,11 +72,11 @@ celery_app = create_celery()
 
 
 def enqueue_chunks(
-    job_id: str, model: str, chunk_sizes: list[int], priority: int = BATCH_PRIORITY
+    job_id: str, model: str, chunks: list[tuple[int, int]], priority: int = BATCH_PRIORITY
 ) -> None:
-    """Send one task per chunk; the task names the job and chunk, the worker reads the rest."""
+    """One task per (chunk, size): it names the job and chunk; the worker reads the rest."""
     with celery_app.producer_or_acquire() as producer:
-        for chunk, size in enumerate(chunk_sizes):
+        for chunk, size in chunks:
             celery_app.send_task(
                 RUN_CHUNK,
                 args=(job_id, chunk, size),

@@ -78,6 +78,33 @@ class Settings(BaseSettings):
     worker_init_timeout: float = Field(
         600.0, gt=0, description="Seconds a worker process may take to load its model."
     )
+    lease_seconds: float = Field(
+        60.0, gt=0, description="A worker's hold on the items it runs, renewed while it runs them."
+    )
+    max_attempts: int = Field(
+        3, ge=2, description="Runs an item may start without finishing before it is failed."
+    )
+    reconcile_interval: float = Field(
+        30.0, gt=0, description="Seconds between the API's sweeps for chunks whose task was lost."
+    )
+    reconcile_grace: float = Field(
+        60.0, ge=0, description="Seconds a just-dispatched job is left to the queue before a sweep."
+    )
+    task_time_limit: float = Field(
+        3000.0, gt=0, description="Seconds one chunk task may run before its process is killed."
+    )
+    visibility_timeout: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds Redis waits for a chunk's acknowledgement before handing it out anew.",
+    )
+    db_retry_seconds: float = Field(
+        300.0, ge=0, description="How long a worker retries the database before giving a batch up."
+    )
+    fault_injection: bool = Field(
+        False,
+        description="Tests only: prompts holding @@raise@@, @@kill@@ or @@sleep=N@@ misbehave.",
+    )
 
     @model_validator(mode="after")
     def _default_database(self) -> Settings:

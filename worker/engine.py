@@ -12,7 +12,7 @@ import torch
 from gemma_batch.chat import gemma_turns
 from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import ItemResult, WorkItem
-from worker import decoding
+from worker import decoding, faults
 from worker.labels import ChoiceScorer
 from worker.prefix import PrefixCache, common_prefix, forward_suffixes
 from worker.structured import JsonConstraint, check_json
@@ -36,11 +36,19 @@ class Engine:
     (CUDA), generation uses a static KV cache in a few fixed shapes (see worker.decoding).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_tokens: int, static: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_tokens: int,
+        static: bool = False,
+        inject_faults: bool = False,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
         self.static = static
+        self.inject_faults = inject_faults  # tests only: see worker.faults
         # Past the largest row bucket a batch would leave the compiled shapes.
         self.max_rows = decoding.ROW_BUCKETS[-1] if static else None
         self.context = int(getattr(model.config, "max_position_embeddings", 8192))
@@ -136,6 +144,8 @@ class Engine:
         self, batch: list[Encoded], run: Callable[[list[Encoded]], list[ItemResult]]
     ) -> list[ItemResult]:
         """Run a micro-batch; out of GPU memory, run each half instead (no item fails for it)."""
+        if self.inject_faults:
+            faults.inject(row.text for row in batch)
         try:
             return run(batch)
         except torch.OutOfMemoryError:

@@ -1,0 +1,123 @@
+"""Re-enqueue chunks whose task was lost. SQL is the truth; Redis is only the transport.
+
+A chunk is stranded when it still has pending items that no live worker leases while no message
+for it waits in Redis, neither in its queue nor delivered and unacknowledged. That happens when
+Redis restarts without its data, when a worker dies past redelivery, or when an API process
+stops between storing a job and enqueueing it. Sending a chunk twice is harmless (leases and
+pending-only writes see to that), so the sweep need not be exact, only eventually complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections import defaultdict
+from datetime import timedelta
+
+import redis
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from gemma_batch.db import session_scope
+from gemma_batch.models import Item, ItemStatus, Job, JobStatus, utcnow
+from gemma_batch.progress import lease_free
+from gemma_batch.queue import RUN_CHUNK, enqueue_chunks, queue_name
+from gemma_batch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK = "gemma-batch:reconciler"
+# A job whose enqueueing never finished (its API stopped) is swept after this many graces:
+# a huge upload may still be sending its chunks well after the job was created.
+UNDISPATCHED_GRACES = 10
+
+
+def _chunk_of(message: dict) -> tuple[str, int] | None:  # type: ignore[type-arg]
+    if message.get("headers", {}).get("task") != RUN_CHUNK:
+        return None
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    job_id, chunk, _size = json.loads(body)[0]
+    return job_id, chunk
+
+
+def chunks_in_broker(client: redis.Redis, models: set[str]) -> set[tuple[str, int]]:
+    """(job, chunk) of every task message queued for these models or delivered and unacked."""
+    raw: list[bytes] = []
+    for model in models:
+        # kombu keeps one list per priority step, named after the queue.
+        for key in client.scan_iter(match=f"{queue_name(model)}*", _type="list"):
+            raw.extend(client.lrange(key, 0, -1))
+    messages = [json.loads(payload) for payload in raw]
+    # kombu's Redis transport parks delivered messages here until they are acknowledged.
+    messages += [json.loads(entry)[0] for entry in client.hvals("unacked")]
+    return {chunk for message in messages if (chunk := _chunk_of(message)) is not None}
+
+
+def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, int]]:
+    """Pending, unleased items by (job, model) and chunk, of jobs dispatched over `grace` ago."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=grace)
+    settled = or_(
+        Job.dispatched_at < cutoff,
+        and_(
+            Job.dispatched_at.is_(None),
+            Job.created_at < now - timedelta(seconds=grace * UNDISPATCHED_GRACES),
+        ),
+    )
+    rows = session.execute(
+        select(Item.job_id, Job.model, Item.chunk, func.count())
+        .join(Job, Job.id == Item.job_id)
+        .where(
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            settled,
+            Item.status == ItemStatus.PENDING,
+            lease_free(now),
+        )
+        .group_by(Item.job_id, Job.model, Item.chunk)
+    ).all()
+    found: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for job_id, model, chunk, count in rows:
+        found[(job_id, model)][chunk] = count
+    return found
+
+
+def reconcile(settings: Settings) -> int:
+    """One sweep; the number of chunks sent again. Only one API process sweeps at a time."""
+    client = redis.Redis.from_url(settings.broker_url)
+    if not client.set(LOCK, "1", nx=True, ex=max(1, int(settings.reconcile_interval))):
+        return 0
+    with session_scope() as session:
+        lost = stranded(session, settings.reconcile_grace)
+        if not lost:
+            return 0
+        queued = chunks_in_broker(client, {model for _, model in lost})
+        sent = 0
+        for (job_id, model), chunks in lost.items():
+            missing = sorted((c, n) for c, n in chunks.items() if (job_id, c) not in queued)
+            if not missing:
+                continue
+            log.warning("job %s: re-enqueueing %s chunks whose task was lost", job_id, len(missing))
+            enqueue_chunks(job_id, model, missing)
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.dispatched_at.is_(None))
+                .values(dispatched_at=utcnow())
+            )
+            sent += len(missing)
+        session.commit()
+    return sent
+
+
+async def reconcile_forever(settings: Settings) -> None:
+    """The API's background loop (started with the app, beside the webhooks)."""
+    while True:
+        await asyncio.sleep(settings.reconcile_interval)
+        try:
+            await run_in_threadpool(reconcile, settings)
+        except Exception:  # Redis or the database down: the next sweep tries again
+            log.exception("reconcile sweep failed")
