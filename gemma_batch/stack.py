@@ -39,24 +39,17 @@ def free_port() -> int:
 class LocalStack(AbstractContextManager["LocalStack"]):
     """`gemma-batch api` and `gemma-batch worker` on loopback, logging into `log_dir`.
 
-    Auth stays on: the stack makes itself an API key for `tenant`, in the database this
-    process's settings name (its API uses the same one), and revokes the key when it stops.
-    `client()` and the CLI run with `env` send it.
+    Auth stays on: the stack makes itself an API key for the tenant "demo", in the database
+    this process's settings name (its API uses the same one), and revokes the key when it
+    stops. `client()` and the CLI run with `env` send it.
     """
 
-    def __init__(
-        self,
-        env: dict[str, str],
-        log_dir: Path,
-        worker_args: list[str] | None = None,
-        tenant: str = "demo",
-    ):
+    def __init__(self, env: dict[str, str], log_dir: Path, worker_args: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = os.environ | env | {"GEMMA_BATCH_API_URL": self.url}
         self.log_dir = log_dir
         self.worker_args = worker_args or ["--device", "cpu"]
-        self.tenant = tenant
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.key_id = ""
         self.api_key = ""
@@ -77,7 +70,7 @@ class LocalStack(AbstractContextManager["LocalStack"]):
 
     def __enter__(self) -> LocalStack:
         with session_scope() as session:
-            made = auth.create_key(session, self.tenant)
+            made = auth.create_key(session, "demo")
         self.key_id, self.api_key = made.id, made.key
         self.env["GEMMA_BATCH_API_KEY"] = made.key
         try:
