@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.deps import current_tenant
 from api.errors import install_error_handlers
 from api.forms import install_body_schemas
 from api.limits import BodySizeLimit
@@ -16,9 +18,16 @@ from gemma_batch.reconciler import reconcile_forever
 from gemma_batch.settings import get_settings
 from gemma_batch.webhooks import deliver_forever
 
+log = logging.getLogger(__name__)
+
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    if not get_settings().auth:
+        log.warning(
+            "AUTH IS OFF (GEMMA_BATCH_AUTH=false): anyone who can reach this API can read and "
+            "submit every job as the 'default' tenant. Use this for local work only."
+        )
     # Webhooks and the sweep for lost tasks run in the API process, which every stack runs.
     settings = get_settings()
     loops = [
@@ -37,10 +46,9 @@ def create_app() -> FastAPI:
         summary="Batch generation and labelling with Gemma models",
         version="0.1.0",
     )
-    app.include_router(jobs.router)
-    app.include_router(files.router)
-    app.include_router(batches.router)
-    app.include_router(completions.router)
+    # Everything under /v1 needs an API key; /healthz, /metrics and the /ui page stay open.
+    for router in (jobs.router, files.router, batches.router, completions.router):
+        app.include_router(router, dependencies=[Depends(current_tenant)])
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)

@@ -73,6 +73,14 @@ def main() -> None:
     api = None
     try:
         subprocess.run([sys.executable, "-m", "gemma_batch", "db", "upgrade"], env=env, check=True)
+        made = subprocess.run(
+            [sys.executable, "-m", "gemma_batch", "keys", "create", "--tenant", "bench"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        key = made.stdout.split()[0]  # the key's line comes first, then the webhook secret's
         api = subprocess.Popen(
             [sys.executable, "-m", "gemma_batch", "api", "--port", str(port)],
             env=env,
@@ -89,7 +97,8 @@ def main() -> None:
                 "template": "Review: {text}\nStars:",
                 "choices": "1,2,3,4,5",
             }
-            with httpx.Client(base_url=base, timeout=600) as client:
+            auth = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=base, headers=auth, timeout=600) as client:
                 _wait_up(client)
                 # Warm up: the first upload loads the tokenizer used for the length check.
                 _upload(client, small, form)

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch import files, jobs
@@ -106,11 +106,12 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def create_batch(session: Session, settings: Settings, body: BatchCreate) -> Batch:
+def create_batch(session: Session, settings: Settings, body: BatchCreate, tenant: str) -> Batch:
     """Validate the input file and start its job; an unusable file gives a failed batch."""
-    files.get_file(session, body.input_file_id)
+    files.get_file(session, body.input_file_id, tenant)
     now = utcnow()
     batch = Batch(
+        tenant=tenant,
         endpoint=body.endpoint,
         input_file_id=body.input_file_id,
         completion_window=body.completion_window,
@@ -145,7 +146,7 @@ def create_batch(session: Session, settings: Settings, body: BatchCreate) -> Bat
     )
     options = JobOptions(model=model, metadata={"batch": "yes"})
     # Too-long requests are answered in the error file at run time, not refused here.
-    job = jobs.store_job(session, options, items, settings, check_context=False)
+    job = jobs.store_job(session, options, items, settings, tenant, check_context=False)
     batch.job_id, batch.model, batch.total = job.id, model, job.total
     batch.status, batch.in_progress_at = "in_progress", utcnow()
     session.add(batch)
@@ -153,20 +154,21 @@ def create_batch(session: Session, settings: Settings, body: BatchCreate) -> Bat
     return batch
 
 
-def get_batch(session: Session, settings: Settings, batch_id: str) -> Batch:
+def get_batch(session: Session, settings: Settings, batch_id: str, tenant: str) -> Batch:
     """The batch, moved along its lifecycle as far as its job allows."""
-    batch = session.get(Batch, batch_id)
+    # Another tenant's batch is answered exactly as a missing one.
+    batch = session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant))
     if batch is None:
         raise NotFound(f"no batch '{batch_id}'", "batch_id")
     if batch.status not in ("in_progress", "cancelling") or batch.job_id is None:
         return batch
-    job = jobs.get_job(session, batch.job_id)
+    job = jobs.get_job(session, batch.job_id, tenant)
     now = utcnow()
     expires = (
         batch.expires_at if batch.expires_at.tzinfo else batch.expires_at.replace(tzinfo=now.tzinfo)
     )
     if batch.status == "in_progress" and now > expires and job.status in ("queued", "running"):
-        jobs.cancel_job(session, job.id)
+        jobs.cancel_job(session, job.id, tenant)
         _finalize(session, settings, batch, job, "expired")
     elif job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
         _finalize(session, settings, batch, job, "completed")
@@ -182,11 +184,11 @@ def get_batch(session: Session, settings: Settings, batch_id: str) -> Batch:
     return batch
 
 
-def cancel_batch(session: Session, settings: Settings, batch_id: str) -> Batch:
+def cancel_batch(session: Session, settings: Settings, batch_id: str, tenant: str) -> Batch:
     """Stop the batch: queued requests are dropped, finished answers kept for the output file."""
-    batch = get_batch(session, settings, batch_id)
+    batch = get_batch(session, settings, batch_id, tenant)
     if batch.status == "in_progress" and batch.job_id:
-        jobs.cancel_job(session, batch.job_id)
+        jobs.cancel_job(session, batch.job_id, tenant)
         batch.status, batch.cancelling_at = "cancelling", utcnow()
         session.commit()
     return batch
@@ -216,11 +218,11 @@ def _finalize(session: Session, settings: Settings, batch: Batch, job: Job, fina
         for kind, ok in (("output", True), ("error", False)):
             lines = _lines(batch, job, created, ok=ok, final=final)
             name = f"{batch.id}_{kind}.jsonl"
-            record = files.save_blocks(session, settings, lines, name, "batch_output")
+            record = files.save_blocks(session, settings, lines, name, "batch_output", batch.tenant)
             if record.bytes:
                 written[f"{kind}_file_id"] = record.id
             else:  # OpenAI leaves the id empty where there is nothing to report
-                files.delete_file(session, settings, record.id)
+                files.delete_file(session, settings, record.id, batch.tenant)
     except BaseException:
         # Hand the batch back, so the next read finalizes it again.
         session.rollback()

@@ -25,10 +25,10 @@ class Timeout(AppError):
     type = "timeout"
 
 
-def _submit(request: CompletionRequest, endpoint: str, settings: Settings) -> str:
+def _submit(request: CompletionRequest, endpoint: str, settings: Settings, tenant: str) -> str:
     chat = endpoint == "/v1/chat/completions"
     item = NewItem(
-        "body",
+        "messages" if chat else "prompt",
         "0",
         prompt=None if chat else request.prompt,
         messages=request.chat_messages() if chat else None,
@@ -37,7 +37,13 @@ def _submit(request: CompletionRequest, endpoint: str, settings: Settings) -> st
     options = JobOptions(model=request.model, metadata={"endpoint": endpoint})
     with session_scope() as session:
         job = jobs.store_job(
-            session, options, [item], settings, check_context=False, priority=INTERACTIVE_PRIORITY
+            session,
+            options,
+            [item],
+            settings,
+            tenant,
+            check_context=False,
+            priority=INTERACTIVE_PRIORITY,
         )
         return job.id
 
@@ -48,12 +54,14 @@ def _finished(job_id: str) -> Item | None:
         return item if item.status in (ItemStatus.COMPLETED, ItemStatus.FAILED) else None
 
 
-def _cancel(job_id: str) -> None:
+def _cancel(job_id: str, tenant: str) -> None:
     with session_scope() as session:
-        jobs.cancel_job(session, job_id)
+        jobs.cancel_job(session, job_id, tenant)
 
 
-async def complete(request: CompletionRequest, endpoint: str, settings: Settings) -> dict[str, Any]:
+async def complete(
+    request: CompletionRequest, endpoint: str, settings: Settings, tenant: str
+) -> dict[str, Any]:
     """Queue the request, wait for its answer (polling SQL), and shape it like OpenAI's."""
     try:
         request.for_endpoint(endpoint)
@@ -61,12 +69,12 @@ async def complete(request: CompletionRequest, endpoint: str, settings: Settings
         raise InvalidRequest(
             [FieldError("messages" if "chat" in endpoint else "prompt", str(exc))]
         ) from None
-    job_id = await run_in_threadpool(_submit, request, endpoint, settings)
+    job_id = await run_in_threadpool(_submit, request, endpoint, settings, tenant)
     deadline = time.monotonic() + settings.sync_timeout
     pause = 0.02
     while (item := await run_in_threadpool(_finished, job_id)) is None:
         if time.monotonic() > deadline:
-            await run_in_threadpool(_cancel, job_id)
+            await run_in_threadpool(_cancel, job_id, tenant)
             raise Timeout(f"no worker answered within {settings.sync_timeout:.0f} s")
         await asyncio.sleep(pause)
         pause = min(pause * 1.5, 0.25)

@@ -68,14 +68,16 @@ def reset_engine() -> None:
 
 
 def newest_first(
-    session: Session, model: type[Row], limit: int, after: str | None
+    session: Session, model: type[Row], tenant: str, limit: int, after: str | None
 ) -> tuple[list[Row], bool]:
-    """A page of rows newest first (ids sort by creation); `after` is the previous page's last id.
+    """A page of the tenant's rows newest first (ids sort by creation); `after` is the previous
+    page's last id.
 
     Also says whether more rows follow.
     """
     column = model.id  # type: ignore[attr-defined]
-    query = select(model).order_by(column.desc()).limit(limit + 1)
+    owner = model.tenant  # type: ignore[attr-defined]
+    query = select(model).where(owner == tenant).order_by(column.desc()).limit(limit + 1)
     if after:
         query = query.where(column < after)
     rows = list(session.scalars(query))

@@ -16,6 +16,7 @@ class FieldError:
 class AppError(Exception):
     status_code = 400
     type = "invalid_request_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -45,6 +46,21 @@ class InvalidRequest(AppError):
         return body
 
 
+class Unauthorized(AppError):
+    """No API key, or one that is unknown or revoked; the message never says which."""
+
+    status_code = 401
+    type = "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+    def __init__(self) -> None:
+        super().__init__(
+            "a valid API key is needed: send `Authorization: Bearer <key>` "
+            "(an operator makes one with `gemma-batch keys create --tenant NAME`)",
+            "authorization",
+        )
+
+
 class NotFound(AppError):
     status_code = 404
     type = "not_found_error"
@@ -58,6 +74,26 @@ class Conflict(AppError):
 class PayloadTooLarge(AppError):
     status_code = 413
     type = "payload_too_large"
+
+
+class TooManyQueued(AppError):
+    """The tenant already has as many items waiting as it may; it can submit when they finish."""
+
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(
+            f"{queued} of this tenant's items are queued or running, and this job's would take "
+            f"them over the limit of {limit}; submit again when some have finished",
+            "items",
+        )
+        self.queued, self.limit = queued, limit
+
+    def body(self) -> dict[str, object]:
+        body = super().body()
+        body["error"] |= {"queued": self.queued, "limit": self.limit}  # type: ignore[operator]
+        return body
 
 
 class ServiceUnavailable(AppError):

@@ -22,21 +22,30 @@ def path_of(settings: Settings, file_id: str) -> Path:
 
 
 def save_upload(
-    session: Session, settings: Settings, upload: IO[bytes], filename: str, purpose: str
+    session: Session,
+    settings: Settings,
+    upload: IO[bytes],
+    filename: str,
+    purpose: str,
+    tenant: str,
 ) -> File:
     """Copy an upload into the files folder block by block, then record it."""
     if purpose not in ("batch", "batch_output"):
         raise InvalidRequest([FieldError("purpose", "only 'batch' files are supported")])
-    return save_blocks(
-        session, settings, iter(lambda: upload.read(COPY_BLOCK), b""), filename, purpose
-    )
+    blocks = iter(lambda: upload.read(COPY_BLOCK), b"")
+    return save_blocks(session, settings, blocks, filename, purpose, tenant)
 
 
 def save_blocks(
-    session: Session, settings: Settings, blocks: Iterable[bytes], filename: str, purpose: str
+    session: Session,
+    settings: Settings,
+    blocks: Iterable[bytes],
+    filename: str,
+    purpose: str,
+    tenant: str,
 ) -> File:
     settings.files_dir.mkdir(parents=True, exist_ok=True)
-    record = File(purpose=purpose, filename=filename[-256:], bytes=0)
+    record = File(tenant=tenant, purpose=purpose, filename=filename[-256:], bytes=0)
     session.add(record)
     session.flush()
     target = path_of(settings, record.id)
@@ -62,15 +71,18 @@ def save_blocks(
     return record
 
 
-def get_file(session: Session, file_id: str) -> File:
-    record = session.get(File, file_id)
+def get_file(session: Session, file_id: str, tenant: str) -> File:
+    # Another tenant's file is answered exactly as a missing one.
+    record = session.scalar(select(File).where(File.id == file_id, File.tenant == tenant))
     if record is None:
         raise NotFound(f"no file '{file_id}'", "file_id")
     return record
 
 
-def list_files(session: Session, purpose: str | None, limit: int, after: str | None) -> list[File]:
-    query = select(File).order_by(File.id.desc()).limit(limit)
+def list_files(
+    session: Session, tenant: str, purpose: str | None, limit: int, after: str | None
+) -> list[File]:
+    query = select(File).where(File.tenant == tenant).order_by(File.id.desc()).limit(limit)
     if purpose:
         query = query.where(File.purpose == purpose)
     if after:
@@ -78,8 +90,8 @@ def list_files(session: Session, purpose: str | None, limit: int, after: str | N
     return list(session.scalars(query))
 
 
-def delete_file(session: Session, settings: Settings, file_id: str) -> None:
-    record = get_file(session, file_id)
+def delete_file(session: Session, settings: Settings, file_id: str, tenant: str) -> None:
+    record = get_file(session, file_id, tenant)
     session.delete(record)
     session.commit()
     path_of(settings, file_id).unlink(missing_ok=True)

@@ -13,7 +13,14 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.chat import gemma_turns
-from gemma_batch.errors import Conflict, FieldError, InvalidRequest, NotFound, ServiceUnavailable
+from gemma_batch.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    TooManyQueued,
+)
 from gemma_batch.ingest import detect_format, iter_rows
 from gemma_batch.model_cache import PreparedModel, get_prepared
 from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
@@ -38,6 +45,36 @@ class NewItem:
     messages: list[dict[str, Any]] | None = None
     fields: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
+
+
+def _check_prompt_chars(batch: list[NewItem], limit: int) -> None:
+    """Refuse overlong prompts by their length alone, before any time goes into tokenizing."""
+    lengths = {
+        item.where: len(item.prompt)
+        if item.prompt is not None
+        else sum(len(message["content"]) for message in item.messages or [])
+        for item in batch
+    }
+    errors = [
+        FieldError(where, f"the prompt is {length} characters, over the limit of {limit}")
+        for where, length in lengths.items()
+        if length > limit
+    ]
+    if errors:
+        raise InvalidRequest(errors)
+
+
+def queued_items(session: Session, tenant: str) -> int:
+    """How many of the tenant's items are still to be done, in its queued and running jobs."""
+    left = func.sum(Job.total - Job.completed - Job.failed)
+    return (
+        session.scalar(
+            select(func.coalesce(left, 0)).where(
+                Job.tenant == tenant, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+            )
+        )
+        or 0
+    )
 
 
 def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
@@ -71,7 +108,13 @@ def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewIte
         raise InvalidRequest(errors)
 
 
-def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
+def create_job(
+    session: Session,
+    request: JobCreate,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None = None,
+) -> Job:
     """A job from a JSON body of prompts or chats."""
     if len(request.items) > settings.max_items:
         raise InvalidRequest([FieldError("items", f"more than the limit of {settings.max_items}")])
@@ -84,11 +127,17 @@ def create_job(session: Session, request: JobCreate, settings: Settings) -> Job:
         )
         for index, item in enumerate(request.items)
     )
-    return store_job(session, request, items, settings)
+    return store_job(session, request, items, settings, tenant, idempotency_key=idempotency_key)
 
 
 def create_job_from_file(
-    session: Session, upload: IO[bytes], filename: str | None, request: FileJob, settings: Settings
+    session: Session,
+    upload: IO[bytes],
+    filename: str | None,
+    request: FileJob,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None = None,
 ) -> Job:
     """A job from an uploaded file: each row is put through the template, its fields kept."""
     template = Template(request.template)
@@ -117,7 +166,14 @@ def create_job_from_file(
             )
 
     return store_job(
-        session, request, items(), settings, template=request.template, columns=columns
+        session,
+        request,
+        items(),
+        settings,
+        tenant,
+        template=request.template,
+        columns=columns,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -126,19 +182,25 @@ def store_job(
     options: JobOptions,
     items: Iterable[NewItem],
     settings: Settings,
+    tenant: str,
     template: str | None = None,
     columns: dict[str, None] | None = None,
     check_context: bool = True,
     priority: int = BATCH_PRIORITY,
+    idempotency_key: str | None = None,
 ) -> Job:
     """Store the job and all its items in one transaction, then enqueue one task per chunk.
 
     Items arrive as a stream and go in by batches, so a huge upload never sits in memory; any
-    bad item rolls the whole job back, so nothing half-made is ever stored.
+    bad item rolls the whole job back, so nothing half-made is ever stored. The tenant's queue
+    limit is checked against what was queued when the job began: two jobs stored at once may
+    both pass it.
     """
     model = get_prepared(settings.model_dir, options.model)
     spec = options.spec()
+    queued = queued_items(session, tenant)
     job = Job(
+        tenant=tenant,
         model=options.model,
         params=spec.params.model_dump(),
         prefix=spec.prefix or None,
@@ -148,8 +210,10 @@ def store_job(
         template=template,
         meta=options.metadata,
         callback_url=str(options.callback_url) if options.callback_url else None,
+        idempotency_key=idempotency_key,
     )
     session.add(job)
+    # With a key, the row goes in first: a concurrent retry waits here on the unique key.
     session.flush()
     size, total = settings.chunk_size, 0
     iterator = iter(items)
@@ -158,6 +222,9 @@ def store_job(
             raise InvalidRequest(
                 [FieldError("file", f"more rows than the limit of {settings.max_items}")]
             )
+        if queued + total + len(batch) > settings.max_queued_items:
+            raise TooManyQueued(queued, settings.max_queued_items)
+        _check_prompt_chars(batch, settings.max_prompt_chars)
         if check_context:
             _check_context(model, options, batch)
         insert_items(session, job.id, batch, total, size)
@@ -216,15 +283,23 @@ def insert_items(
             copy.write_row((*plain, _json(messages), _json(fields), _json(params)))
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+def find_submission(session: Session, tenant: str, idempotency_key: str) -> Job | None:
+    """The tenant's job first submitted with this Idempotency-Key, if any."""
+    return session.scalar(
+        select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key)
+    )
+
+
+def get_job(session: Session, job_id: str, tenant: str) -> Job:
+    # Another tenant's job is answered exactly as a missing one, so ids cannot be probed.
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
     if job is None:
         raise NotFound(f"no job '{job_id}'", "job_id")
     return job
 
 
-def label_counts(session: Session, job_id: str) -> dict[str, int]:
-    job = get_job(session, job_id)
+def label_counts(session: Session, job_id: str, tenant: str) -> dict[str, int]:
+    job = get_job(session, job_id, tenant)
     counted = session.execute(
         select(Item.label, func.count())
         .where(Item.job_id == job.id, Item.label.is_not(None))
@@ -235,9 +310,9 @@ def label_counts(session: Session, job_id: str) -> dict[str, int]:
     return {choice: found.get(choice, 0) for choice in job.choices or sorted(found)}
 
 
-def cancel_job(session: Session, job_id: str) -> Job:
+def cancel_job(session: Session, job_id: str, tenant: str) -> Job:
     """Stop a job: pending items are cancelled, finished ones stay downloadable."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, tenant)
     # Conditional, so a job that a worker has just finished is never turned into a cancelled one.
     changed = session.execute(
         update(Job)

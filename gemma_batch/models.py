@@ -45,6 +45,15 @@ def new_job_id() -> str:
     return new_id("job_")
 
 
+# Rows made before tenants existed, and every request while auth is off, belong to this one.
+DEFAULT_TENANT = "default"
+
+
+def tenant_column() -> Mapped[str]:
+    """Who owns the row: every read and list filters on it, so another tenant sees a 404."""
+    return mapped_column(String(64), index=True, server_default=DEFAULT_TENANT)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {
@@ -75,8 +84,13 @@ class ItemStatus(StrEnum):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # A retried submission with the same Idempotency-Key finds its tenant's first job.
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
+    tenant: Mapped[str] = tenant_column()
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -97,8 +111,7 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     webhook_error: Mapped[str | None] = mapped_column(Text)
-    # A client's retry of the same submission (Idempotency-Key header) finds this job.
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # Set once every chunk is enqueued; the reconciler leaves jobs alone until then.
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -156,6 +169,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file-"))
+    tenant: Mapped[str] = tenant_column()
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(256))
     bytes: Mapped[int] = mapped_column(BigInteger)
@@ -168,6 +182,7 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("batch_"))
+    tenant: Mapped[str] = tenant_column()
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(40))
     completion_window: Mapped[str] = mapped_column(String(16))
@@ -188,3 +203,26 @@ class Batch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Tenant(Base):
+    """Who owns jobs, files and batches; API keys are issued to a tenant."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Kept as given, not hashed: it keys the HMAC on this tenant's job webhooks.
+    webhook_secret: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """One API key: only its SHA-256 is stored; `id` is the key's public, non-secret part."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.name"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -48,9 +48,19 @@ class Settings(BaseSettings):
         description="Static KV cache in a few fixed batch shapes, which transformers compiles "
         "(torch.compile) on CUDA; auto = on with CUDA.",
     )
+    auth: bool = Field(
+        True,
+        description="Ask every /v1 request for an API key. Off (false) only for local use: "
+        "then anyone who reaches the API is the 'default' tenant.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="The key CLI commands send to the API (`gemma-batch keys create`)."
+    )
     hf_token: SecretStr | None = Field(None, description="Token for the gated Gemma hub repos.")
     webhook_secret: SecretStr | None = Field(
-        None, description="Key of the HMAC-SHA256 signature on job webhooks."
+        None,
+        description="Key of the HMAC-SHA256 signature on job webhooks, for tenants without "
+        "their own.",
     )
     flower_auth: SecretStr | None = Field(None, description="`user:password` for Flower.")
 
@@ -64,6 +74,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted JSON body.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted file upload.")
     max_items: int = Field(1_000_000, ge=1, description="Most items (rows) in one job.")
+    max_prompt_chars: int = Field(
+        500_000, ge=1, description="Longest prompt (or chat's text) in characters, per item."
+    )
+    max_queued_items: int = Field(
+        5_000_000, ge=1, description="Most items one tenant may have queued or running."
+    )
     files_dir: Path = Field(
         Path(""), description="Where uploaded and result files are kept; empty: data_dir/files."
     )

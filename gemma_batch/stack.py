@@ -15,6 +15,10 @@ from types import TracebackType
 
 import httpx
 
+from gemma_batch import auth
+from gemma_batch.client import Client
+from gemma_batch.db import session_scope
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -33,7 +37,12 @@ def free_port() -> int:
 
 
 class LocalStack(AbstractContextManager["LocalStack"]):
-    """`gemma-batch api` and `gemma-batch worker` on loopback, logging into `log_dir`."""
+    """`gemma-batch api` and `gemma-batch worker` on loopback, logging into `log_dir`.
+
+    Auth stays on: the stack makes itself an API key for the tenant "demo", in the database
+    this process's settings name (its API uses the same one), and revokes the key when it
+    stops. `client()` and the CLI run with `env` send it.
+    """
 
     def __init__(self, env: dict[str, str], log_dir: Path, worker_args: list[str] | None = None):
         self.port = free_port()
@@ -42,6 +51,8 @@ class LocalStack(AbstractContextManager["LocalStack"]):
         self.log_dir = log_dir
         self.worker_args = worker_args or ["--device", "cpu"]
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.key_id = ""
+        self.api_key = ""
 
     def _start(self, name: str, *args: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -54,10 +65,21 @@ class LocalStack(AbstractContextManager["LocalStack"]):
             preexec_fn=_die_with_parent,
         )
 
+    def client(self) -> Client:
+        return Client(self.url, self.api_key)
+
     def __enter__(self) -> LocalStack:
-        self._start("api", "api", "--port", str(self.port))
-        self._start("worker", "worker", *self.worker_args)
-        self.wait_healthy()
+        with session_scope() as session:
+            made = auth.create_key(session, "demo")
+        self.key_id, self.api_key = made.id, made.key
+        self.env["GEMMA_BATCH_API_KEY"] = made.key
+        try:
+            self._start("api", "api", "--port", str(self.port))
+            self._start("worker", "worker", *self.worker_args)
+            self.wait_healthy()
+        except BaseException:
+            self.__exit__(None, None, None)  # no process or live key is left behind
+            raise
         return self
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
@@ -94,3 +116,5 @@ class LocalStack(AbstractContextManager["LocalStack"]):
     ) -> None:
         for name in list(self.processes):
             self.stop(name)
+        with session_scope() as session:
+            auth.revoke_key(session, self.key_id)

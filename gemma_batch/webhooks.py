@@ -1,8 +1,10 @@
 """Job webhooks: when a job is over, POST its summary to the job's callback URL, signed.
 
 The signature is `X-Gemma-Batch-Signature: sha256=<hex HMAC-SHA256 of the body>` keyed with
-GEMMA_BATCH_WEBHOOK_SECRET. Each job's webhook is claimed in SQL before it is sent, so several
-API processes never send it twice; a receiver that fails is retried with backoff.
+the job's tenant's own webhook secret, or GEMMA_BATCH_WEBHOOK_SECRET for a tenant without one;
+with neither, the webhook goes unsigned. Each job's webhook is claimed in SQL before it is
+sent, so several API processes never send it twice; a receiver that fails is retried with
+backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 from tenacity import retry, stop_after_attempt, wait_exponential
 
+from gemma_batch.auth import webhook_secret_of
 from gemma_batch.db import session_scope
 from gemma_batch.models import FINISHED_JOB_STATES, Job, utcnow
 from gemma_batch.schemas import JobRead
@@ -65,9 +68,12 @@ def deliver_due(settings: Settings) -> int:
                 continue
             body = JobRead.of(job).model_dump_json().encode()
             url = job.callback_url
+            secret = webhook_secret_of(session, job.tenant) or (
+                settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+            )
         headers = {"content-type": "application/json"}
-        if settings.webhook_secret:
-            headers[SIGNATURE_HEADER] = sign(body, settings.webhook_secret.get_secret_value())
+        if secret:
+            headers[SIGNATURE_HEADER] = sign(body, secret)
         try:
             _post(url, body, headers)
             sent += 1

@@ -17,7 +17,6 @@ from playwright.sync_api import sync_playwright
 
 from gemma_batch.cli.admin import db_upgrade
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
-from gemma_batch.client import Client
 from gemma_batch.settings import get_settings
 from gemma_batch.stack import LocalStack, free_port
 
@@ -47,7 +46,7 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            client = Client(stack.url)
+            client = stack.client()
             client.submit(
                 model,
                 [{"id": "capital", "prompt": "The capital of France is"}],
@@ -63,6 +62,8 @@ def main() -> None:
                 )
                 page = browser.new_page(viewport={"width": 1200, "height": 560})
                 page.goto(f"{stack.url}/ui")
+                page.fill("#api-key", stack.api_key)
+                page.click("#key-form button")
                 page.wait_for_selector("tr.job")
                 page.screenshot(path=str(OUT / "dashboard.png"))
                 page.click(f"text={job.id}")

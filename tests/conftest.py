@@ -46,6 +46,16 @@ from gemma_batch.settings import get_settings  # noqa: E402
 from tests.tiny_model import build_tiny_gemma  # noqa: E402
 
 
+def bearer(tenant: str) -> dict[str, str]:
+    """Headers with a new API key for `tenant`, made in the current settings' database."""
+    from gemma_batch.auth import create_key
+    from gemma_batch.db import session_scope
+
+    with session_scope() as session:
+        key = create_key(session, tenant).key
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clean_broker() -> Iterator[None]:
     """Remove this run's queues afterwards; never flush: other runs may share the broker."""

@@ -1,4 +1,4 @@
-"""The /ui dashboard in headless Chromium: the job list, a click into a label job, its chart."""
+"""The /ui dashboard in headless Chromium: its API key, the job list, a label job's chart."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
-from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack
 from tests.conftest import TINY
 
@@ -42,7 +41,7 @@ def stack(
 def test_dashboard_lists_jobs_and_charts_labels(
     stack: LocalStack, browser: Browser, tmp_path: Path
 ) -> None:
-    client = Client(stack.url)
+    client = stack.client()
     rows = sample_rows()[:10]
     labelled = client.label(rows, TEMPLATE, ["positive", "negative"], TINY, prefix=fewshot())
     plain = client.submit(TINY, [{"prompt": "hello"}] * 4, {"max_new_tokens": 2})
@@ -53,6 +52,9 @@ def test_dashboard_lists_jobs_and_charts_labels(
 
     page = browser.new_page(viewport={"width": 1100, "height": 700})
     page.goto(f"{stack.url}/ui")
+    page.wait_for_selector("text=this API needs a key")
+    page.fill("#api-key", stack.api_key)
+    page.click("#key-form button")
     page.wait_for_selector("tr.job")
     listed = page.locator("tr.job")
     assert listed.count() == 2
@@ -72,5 +74,9 @@ def test_dashboard_lists_jobs_and_charts_labels(
     assert hrefs == [
         f"/v1/jobs/{labelled.id}/results?format={f}" for f in ("jsonl", "csv", "parquet")
     ]
+    with page.expect_download() as download:  # fetched with the key, not by a bare link
+        page.click(".downloads >> text=CSV")
+    assert download.value.suggested_filename == f"{labelled.id}.csv"
+    assert Path(download.value.path()).read_text().count("\n") == 11  # header and 10 rows
     page.screenshot(path=str(tmp_path / "dashboard.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000

@@ -14,11 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import select
 
-from gemma_batch.client import Client
 from gemma_batch.db import session_scope
 from gemma_batch.models import Item
 from gemma_batch.schemas import JobRead, ResultLine
@@ -41,7 +39,7 @@ def _prompts(count: int) -> list[dict[str, str]]:
 
 
 def test_fifty_items_complete_with_outputs_and_counts(stack: LocalStack) -> None:
-    job = Client(stack.url).submit(TINY, _prompts(50), {"max_new_tokens": 6})
+    job = stack.client().submit(TINY, _prompts(50), {"max_new_tokens": 6})
     assert job.info.status == "queued"
     assert job.info.counts.total == 50
     info = job.wait(poll=0.3)
@@ -67,23 +65,23 @@ def test_fifty_items_complete_with_outputs_and_counts(stack: LocalStack) -> None
 
 
 def test_model_is_loaded_once_for_many_tasks(stack: LocalStack) -> None:
-    Client(stack.url).submit(TINY, _prompts(20), {"max_new_tokens": 2}).wait(poll=0.3)
+    stack.client().submit(TINY, _prompts(20), {"max_new_tokens": 2}).wait(poll=0.3)
     log = stack.log("worker")
     assert log.count("Task gemma_batch.run_chunk") >= 2 * 7  # 50 and 20 items in chunks of 8
     assert log.count(f"model {TINY} ready in worker process") == 1
 
 
 def test_results_as_csv(stack: LocalStack) -> None:
-    job = Client(stack.url).submit(TINY, _prompts(3), {"max_new_tokens": 2})
+    job = stack.client().submit(TINY, _prompts(3), {"max_new_tokens": 2})
     job.wait(poll=0.3)
-    text = httpx.get(f"{stack.url}/v1/jobs/{job.id}/results", params={"format": "csv"}).text
+    text = stack.client().http.get(f"/v1/jobs/{job.id}/results", params={"format": "csv"}).text
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [row["id"] for row in rows] == ["p0", "p1", "p2"]
     assert all(row["status"] == "completed" and row["completion_tokens"] for row in rows)
 
 
 def test_jobs_are_listed_newest_first_in_pages(stack: LocalStack) -> None:
-    client = Client(stack.url)
+    client = stack.client()
     ids = [client.submit(TINY, _prompts(1), {"max_new_tokens": 1}).id for _ in range(3)]
     first = client.request("GET", "/v1/jobs", params={"limit": 2})
     assert [job["id"] for job in first["data"]] == ids[::-1][:2]
@@ -93,7 +91,7 @@ def test_jobs_are_listed_newest_first_in_pages(stack: LocalStack) -> None:
 
 
 def test_cancel_stops_a_job_and_keeps_what_was_done(stack: LocalStack) -> None:
-    client = Client(stack.url)
+    client = stack.client()
     job = client.submit(TINY, _prompts(400), {"max_new_tokens": 48})
     while job.refresh().counts.completed == 0:
         time.sleep(0.1)
@@ -108,7 +106,7 @@ def test_cancel_stops_a_job_and_keeps_what_was_done(stack: LocalStack) -> None:
     assert statuses.count("completed") == after.counts.completed
     assert statuses.count("cancelled") == 400 - after.counts.completed
     assert len(list(job.results())) == after.counts.completed
-    again = httpx.post(f"{stack.url}/v1/jobs/{job.id}/cancel")
+    again = stack.client().http.post(f"/v1/jobs/{job.id}/cancel")
     assert again.status_code == 409
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack, free_port
 from tests.conftest import TINY
 
@@ -58,7 +57,7 @@ def test_flower_needs_basic_auth(flower: str) -> None:
 def test_flower_shows_the_worker_and_the_jobs_tasks(stack: LocalStack, flower: str) -> None:
     prompt = "A secret prompt that must never show in Flower"
     items = [{"id": str(i), "prompt": f"{prompt} {i}"} for i in range(10)]
-    job = Client(stack.url).submit(TINY, items, {"max_new_tokens": 2})
+    job = stack.client().submit(TINY, items, {"max_new_tokens": 2})
     assert job.wait(poll=0.3).status == "completed"
 
     deadline = time.monotonic() + 60

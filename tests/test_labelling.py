@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
-from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack
 from tests.conftest import TINY
 
@@ -46,7 +45,7 @@ def _write(rows: list[dict[str, str]], folder: Path) -> dict[str, Path]:
 def test_same_labels_from_jsonl_csv_and_parquet(
     stack: LocalStack, rows: list[dict[str, str]], tmp_path: Path
 ) -> None:
-    client = Client(stack.url)
+    client = stack.client()
     labelled = {}
     for fmt, path in _write(rows, tmp_path).items():
         job = client.submit_file(path, TEMPLATE, TINY, choices=CHOICES, prefix=fewshot())
@@ -72,7 +71,7 @@ def test_same_labels_from_jsonl_csv_and_parquet(
 
 
 def test_python_client_labels_a_dataframe(stack: LocalStack, rows: list[dict[str, str]]) -> None:
-    job = Client(stack.url).label(pd.DataFrame(rows), TEMPLATE, CHOICES, TINY, prefix=fewshot())
+    job = stack.client().label(pd.DataFrame(rows), TEMPLATE, CHOICES, TINY, prefix=fewshot())
     info = job.wait(poll=0.3, progress=True)
     assert info.counts.completed == len(rows)
     frame = job.to_pandas()

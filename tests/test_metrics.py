@@ -10,7 +10,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from gemma_batch.client import Client
 from gemma_batch.db import session_scope
 from gemma_batch.models import Item, Job
 from gemma_batch.stack import LocalStack, free_port
@@ -35,7 +34,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_match_the_rows(stack: LocalStack) -> None:
-    client = Client(stack.url)
+    client = stack.client()
     job = client.submit(TINY, [{"prompt": f"Count {i}"} for i in range(10)], {"max_new_tokens": 3})
     job.wait(poll=0.3)
 
@@ -63,7 +62,7 @@ def test_queue_depth_counts_waiting_chunks(stack: LocalStack, tmp_path: Path) ->
     other = Path(stack.env["GEMMA_BATCH_MODEL_DIR"]) / idle
     if not other.exists():
         other.symlink_to(Path(stack.env["GEMMA_BATCH_MODEL_DIR"]) / TINY)
-    job = Client(stack.url).submit(idle, [{"prompt": "x"}] * 9, {"max_new_tokens": 1})
+    job = stack.client().submit(idle, [{"prompt": "x"}] * 9, {"max_new_tokens": 1})
     api = _samples(httpx.get(f"{stack.url}/metrics").text)
     assert api[("gemma_batch_queue_depth", (("model", idle),))] == 3
     assert api[("gemma_batch_items", (("state", "queued"),))] == 9

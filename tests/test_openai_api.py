@@ -26,7 +26,7 @@ def stack(
 
 @pytest.fixture
 def client(stack: LocalStack) -> OpenAI:
-    return OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{stack.url}/v1", api_key=stack.api_key, max_retries=0)
 
 
 def _line(custom_id: str, content: str, max_tokens: int = 5, **body: object) -> dict[str, object]:

@@ -10,7 +10,6 @@ import pytest
 from jsonschema import validate
 
 from gemma_batch.cli.demo import fewshot
-from gemma_batch.client import Client
 from gemma_batch.stack import LocalStack
 from tests.conftest import REAL
 
@@ -36,7 +35,7 @@ def test_real_gemma_answers_correctly(stack: LocalStack) -> None:
         },
         {"id": "bad", "prompt": "Review: Dreadful. Boring, ugly and a waste of money.\nSentiment:"},
     ]
-    client = Client(stack.url)
+    client = stack.client()
     job = client.submit(MODEL, items[:1], {"max_new_tokens": 4})
     label_job = {
         "model": MODEL,
@@ -76,7 +75,7 @@ def test_json_schema_outputs_all_validate(stack: LocalStack) -> None:
     ]
     items = [{"id": str(i), "prompt": f"Review: {text}\nJSON:"} for i, text in enumerate(reviews)]
     body = {"model": MODEL, "items": items, "params": {"max_new_tokens": 32}, "json_schema": schema}
-    client = Client(stack.url)
+    client = stack.client()
     job = client.job(client.request("POST", "/v1/jobs", json=body)["id"])
     assert job.wait(poll=0.5).counts.completed == len(items)
     for line in job.results():

@@ -12,10 +12,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
 
-from gemma_batch.client import Client
+from gemma_batch.auth import create_key
+from gemma_batch.db import session_scope
+from gemma_batch.models import Job
+from gemma_batch.settings import get_settings
 from gemma_batch.stack import LocalStack
-from gemma_batch.webhooks import SIGNATURE_HEADER
+from gemma_batch.webhooks import SIGNATURE_HEADER, deliver_due
 from tests.conftest import TINY
 
 SECRET = "webhook-test-secret"
@@ -59,7 +64,7 @@ def stack(
 
 def test_signed_summary_is_delivered_after_retries(stack: LocalStack, receiver: str) -> None:
     Receiver.failures_left = 2  # the receiver is down twice; the sender keeps trying
-    client = Client(stack.url)
+    client = stack.client()
     body = {"model": TINY, "items": [{"prompt": "hi"}] * 3, "callback_url": receiver}
     job = client.job(client.request("POST", "/v1/jobs", json=body)["id"])
     assert job.wait(poll=0.3).status == "completed"
@@ -79,6 +84,26 @@ def test_signed_summary_is_delivered_after_retries(stack: LocalStack, receiver: 
 
 def test_a_bad_callback_url_is_refused(stack: LocalStack) -> None:
     body = {"model": TINY, "items": [{"prompt": "hi"}], "callback_url": "not a url"}
-    response = Client(stack.url).http.post("/v1/jobs", json=body)
+    response = stack.client().http.post("/v1/jobs", json=body)
     assert response.status_code == 422
     assert response.json()["error"]["param"] == "callback_url"
+
+
+def test_a_tenants_own_secret_signs_its_jobs_webhooks(database_url: str, receiver: str) -> None:
+    with session_scope() as session:
+        create_key(session, "own-secret", webhook_secret="tenant-secret")
+        create_key(session, "no-secret")
+        for tenant in ("own-secret", "no-secret"):
+            session.add(
+                Job(tenant=tenant, model=TINY, status="completed", total=1, callback_url=receiver)
+            )
+        session.commit()
+    settings = get_settings().model_copy(update={"webhook_secret": SecretStr(SECRET)})
+    assert deliver_due(settings) == 2
+    received = {json.loads(body)["id"]: (body, signature) for body, signature in Receiver.received}
+    with session_scope() as session:
+        job_of = dict(session.execute(select(Job.tenant, Job.id)).tuples().all())
+    for tenant, secret in (("own-secret", "tenant-secret"), ("no-secret", SECRET)):
+        body, signature = received[job_of[tenant]]
+        expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(signature, expected), tenant

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from gemma_batch import batches
 from gemma_batch.db import newest_first
 from gemma_batch.models import Batch
@@ -23,10 +23,10 @@ def _object(session: SessionDep, batch: Batch) -> BatchObject:
 
 @router.post("")
 async def create_batch(
-    body: BatchCreate, session: SessionDep, settings: SettingsDep
+    body: BatchCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> BatchObject:
     """Validate the input file and queue its requests; an unusable file gives a failed batch."""
-    batch = await run_in_threadpool(batches.create_batch, session, settings, body)
+    batch = await run_in_threadpool(batches.create_batch, session, settings, body, tenant)
     return _object(session, batch)
 
 
@@ -34,11 +34,12 @@ async def create_batch(
 def list_batches(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    found, has_more = newest_first(session, Batch, limit, after)
-    data = [_object(session, batches.get_batch(session, settings, b.id)) for b in found]
+    found, has_more = newest_first(session, Batch, tenant, limit, after)
+    data = [_object(session, batches.get_batch(session, settings, b.id, tenant)) for b in found]
     return {
         "object": "list",
         "data": data,
@@ -49,10 +50,14 @@ def list_batches(
 
 
 @router.get("/{batch_id}")
-def get_batch(batch_id: str, session: SessionDep, settings: SettingsDep) -> BatchObject:
-    return _object(session, batches.get_batch(session, settings, batch_id))
+def get_batch(
+    batch_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> BatchObject:
+    return _object(session, batches.get_batch(session, settings, batch_id, tenant))
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, session: SessionDep, settings: SettingsDep) -> BatchObject:
-    return _object(session, batches.cancel_batch(session, settings, batch_id))
+def cancel_batch(
+    batch_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> BatchObject:
+    return _object(session, batches.cancel_batch(session, settings, batch_id, tenant))

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import SettingsDep
+from api.deps import SettingsDep, TenantDep
 from gemma_batch.completions import complete
 from gemma_batch.model_cache import prepared_names
 from gemma_batch.openai_schemas import CompletionRequest
@@ -15,14 +15,18 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: CompletionRequest, settings: SettingsDep) -> dict[str, Any]:
+async def chat_completions(
+    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
     """Answered by the workers through the job queue, ahead of batch work."""
-    return await complete(body, "/v1/chat/completions", settings)
+    return await complete(body, "/v1/chat/completions", settings, tenant)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, settings: SettingsDep) -> dict[str, Any]:
-    return await complete(body, "/v1/completions", settings)
+async def completions(
+    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    return await complete(body, "/v1/completions", settings, tenant)
 
 
 @router.get("/models")

@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from gemma_batch.cli import admin, demo, jobs
+from gemma_batch.cli import admin, demo, jobs, keys
 from gemma_batch.client import ApiError
 from gemma_batch.errors import AppError
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 admin.register(app)
 jobs.register(app)
+keys.register(app)
 demo.register(app)
 
 _stderr = Console(stderr=True)

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_batch.cli.admin import db_upgrade
-from gemma_batch.client import Client
 from gemma_batch.model_cache import is_prepared
 from gemma_batch.prepare import prepare
 from gemma_batch.settings import get_settings
@@ -47,7 +46,7 @@ def demo() -> None:
     rows = sample_rows()
     with LocalStack({}, Path(settings.data_dir) / "logs", ["--device", settings.device]) as stack:
         console.print(f"API at {stack.url}, worker logs in {stack.log_dir}")
-        job = Client(stack.url).label(
+        job = stack.client().label(
             rows, TEMPLATE, list(LABELS), settings.model, prefix=fewshot(), metadata={"demo": "1"}
         )
         console.print(f"submitted {job.id} ({len(rows)} reviews, labels {', '.join(LABELS)})")

@@ -1,4 +1,7 @@
-"""Client commands: submit, status, results, cancel. They find the API at GEMMA_BATCH_API_URL."""
+"""Client commands: submit, status, results, cancel, label.
+
+They find the API at GEMMA_BATCH_API_URL and send the key in GEMMA_BATCH_API_KEY.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ def register(app: typer.Typer) -> None:
 
 
 def client() -> Client:
-    return Client(get_settings().api_url)
+    settings = get_settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return Client(settings.api_url, key)
 
 
 def read_items(path: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("idempotency_key", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True))
-        batch_op.create_unique_constraint("uq_jobs_idempotency_key", ["idempotency_key"])
     # Jobs stored before this revision were dispatched when they were stored.
     op.execute("UPDATE jobs SET dispatched_at = created_at")
     with op.batch_alter_table("items", schema=None) as batch_op:
@@ -31,6 +30,5 @@ def downgrade() -> None:
     with op.batch_alter_table("items", schema=None) as batch_op:
         batch_op.drop_column("lease_until")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_constraint("uq_jobs_idempotency_key", type_="unique")
         batch_op.drop_column("dispatched_at")
         batch_op.drop_column("idempotency_key")

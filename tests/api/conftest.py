@@ -1,4 +1,7 @@
-"""An in-process API client on a fresh database of each kind, with small limits to test."""
+"""An in-process API client on a fresh database of each kind, with small limits to test.
+
+The client sends an API key of its own tenant, "tests".
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from gemma_batch.settings import get_settings
+from tests.conftest import bearer
 
 
 @pytest.fixture
@@ -19,6 +23,6 @@ def client(
     monkeypatch.setenv("GEMMA_BATCH_MAX_BODY_BYTES", "100000")
     monkeypatch.setenv("GEMMA_BATCH_MAX_ITEMS", "50")
     get_settings.cache_clear()
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), headers=bearer("tests")) as client:
         yield client
     get_settings.cache_clear()

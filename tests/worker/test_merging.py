@@ -9,7 +9,6 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from gemma_batch.client import Client
 from gemma_batch.db import session_scope
 from gemma_batch.models import Item
 from gemma_batch.params import GenerationParams, JobSpec
@@ -29,7 +28,7 @@ def test_small_jobs_are_merged_and_answered_alone(
     late = f"late-{TINY}"
     (model_dir / late).symlink_to(model_dir / TINY)
     with LocalStack({}, tmp_path) as stack:  # its worker serves the tiny model's queue, not late's
-        client = Client(stack.url)
+        client = stack.client()
         jobs = [client.submit(late, [{"prompt": p}], {"max_new_tokens": 5}) for p in PROMPTS]
         log = (tmp_path / "late-worker.log").open("wb")
         command = ["worker", "--device", "cpu", "--model", late]

@@ -1,0 +1,64 @@
+"""`gemma-batch keys`: issue, list and revoke API keys, straight in the SQL store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gemma_batch import auth
+from gemma_batch.db import session_scope
+from gemma_batch.schemas import as_utc
+
+console = Console()
+# The key and secret go alone to stdout, so a script can capture them; what they are, to stderr.
+notes = Console(stderr=True)
+keys_app = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def create(
+    tenant: Annotated[str, typer.Option(help="Who the key is for; made if new.")],
+    webhook_secret: Annotated[
+        str | None,
+        typer.Option(help="The tenant's webhook signing key (default for a new tenant: random)."),
+    ] = None,
+) -> None:
+    """Make a key and print it once: only its hash is kept."""
+    with session_scope() as session:
+        made = auth.create_key(session, tenant, webhook_secret, generate_secret=True)
+    notes.print(f"API key for tenant '{made.tenant}' (id {made.id}); it is not shown again:")
+    print(made.key)
+    if made.webhook_secret:
+        notes.print("webhook secret (signs this tenant's job webhooks; not shown again):")
+        print(made.webhook_secret)
+
+
+@keys_app.command("list")
+def list_keys() -> None:
+    """Every key's id, tenant and dates (never the key itself)."""
+    table = Table("id", "tenant", "created", "revoked")
+    with session_scope() as session:
+        for key in auth.list_keys(session):
+            table.add_row(key.id, key.tenant, _when(key.created_at), _when(key.revoked_at))
+    console.print(table)
+
+
+def _when(moment: datetime | None) -> str:
+    moment = as_utc(moment)
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z" if moment else ""
+
+
+@keys_app.command("revoke")
+def revoke(key_id: Annotated[str, typer.Argument(help="The id that `keys list` shows.")]) -> None:
+    """Revoke a key: the API refuses it from the next request on."""
+    with session_scope() as session:
+        auth.revoke_key(session, key_id)
+    console.print(f"revoked {key_id}")

@@ -1,0 +1,65 @@
+"""`gemma-batch keys create | list | revoke`, run as a user runs them, on a real database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from gemma_batch import auth
+from gemma_batch.db import session_scope
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # The test database is in the environment (the fixture put it there), as a user's would be.
+    return subprocess.run(
+        [sys.executable, "-m", "gemma_batch", "keys", *args],
+        env=os.environ | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_create_list_and_revoke(sqlite_url: str) -> None:
+    created = _cli("create", "--tenant", "acme")
+    assert created.returncode == 0, created.stderr
+    key, secret = created.stdout.split()
+    assert key.startswith("gb_") and len(secret) >= 40
+    assert "not shown again" in created.stderr
+    key_id = key.split("_")[1]
+    with session_scope() as session:
+        assert auth.tenant_of(session, key) == "acme"
+        assert auth.webhook_secret_of(session, "acme") == secret
+
+    # A second key for the same tenant keeps its webhook secret, unless one is given.
+    again = _cli("create", "--tenant", "acme", "--webhook-secret", "chosen-secret")
+    assert again.returncode == 0 and len(again.stdout.split()) == 1
+    with session_scope() as session:
+        assert auth.webhook_secret_of(session, "acme") == "chosen-secret"
+
+    listed = _cli("list")
+    assert listed.returncode == 0 and key_id in listed.stdout and "acme" in listed.stdout
+    assert key not in listed.stdout
+
+    revoked = _cli("revoke", key_id)
+    assert revoked.returncode == 0 and f"revoked {key_id}" in revoked.stdout
+    with session_scope() as session:
+        assert auth.tenant_of(session, key) is None
+    row = next(line for line in _cli("list").stdout.splitlines() if key_id in line)
+    assert row.count("Z") == 2  # created and revoked dates
+
+
+def test_bad_input_is_one_readable_line(sqlite_url: str) -> None:
+    for args, message in [
+        (("revoke", "nope"), "no API key 'nope'"),
+        (("create", "--tenant", "bad name!"), "tenant name 'bad name!'"),
+        (("create",), "Missing option '--tenant'"),
+    ]:
+        out = _cli(*args)
+        assert out.returncode != 0, args
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    key_id = _cli("create", "--tenant", "acme").stdout.split()[0].split("_")[1]
+    assert _cli("revoke", key_id).returncode == 0
+    twice = _cli("revoke", key_id)
+    assert twice.returncode == 1 and "already revoked" in twice.stderr
