@@ -86,13 +86,10 @@ def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, 
     return found
 
 
-def reconcile(settings: Settings) -> int:
-    """One sweep; the number of chunks sent again. Only one API process sweeps at a time."""
-    client = redis.Redis.from_url(settings.broker_url)
-    if not client.set(LOCK, "1", nx=True, ex=max(1, int(settings.reconcile_interval))):
-        return 0
+def sweep(client: redis.Redis, grace: float) -> int:
+    """Send again every stranded chunk with no message in the broker; how many were sent."""
     with session_scope() as session:
-        lost = stranded(session, settings.reconcile_grace)
+        lost = stranded(session, grace)
         if not lost:
             return 0
         queued = chunks_in_broker(client, {model for _, model in lost})
@@ -111,6 +108,14 @@ def reconcile(settings: Settings) -> int:
             sent += len(missing)
         session.commit()
     return sent
+
+
+def reconcile(settings: Settings) -> int:
+    """One sweep, unless another API process holds this interval's lock."""
+    client = redis.Redis.from_url(settings.broker_url)
+    if not client.set(LOCK, "1", nx=True, ex=max(1, int(settings.reconcile_interval))):
+        return 0
+    return sweep(client, settings.reconcile_grace)
 
 
 async def reconcile_forever(settings: Settings) -> None:
