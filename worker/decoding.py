@@ -37,18 +37,15 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= value), None)
 
 
-def generate(
-    model: Any,
+def shaped(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     limits: list[int],
     static: bool,
     **kwargs: Any,
-) -> torch.Tensor:
-    """New tokens of each row (rows x most new tokens, padded where a row ended early).
-
-    `limits` holds each row's own max_new_tokens. With `static`, the batch runs in a bucketed
-    shape with a static KV cache; a batch beyond the largest bucket runs as it is.
+) -> dict[str, Any]:
+    """`generate`'s arguments for a micro-batch: in a bucketed shape with a static KV cache when
+    `static` (a batch beyond the largest bucket stays as it is), each row ending at its limit.
     """
     rows, width = input_ids.shape
     most = max(limits)
@@ -62,6 +59,25 @@ def generate(
         kwargs |= {"cache_implementation": "static", "max_cache_len": cache_len}
     if min(limits) < most:
         kwargs["stopping_criteria"] = StoppingCriteriaList([RowLimits(width, limits)])
-    kwargs["max_new_tokens"] = most
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return kwargs | {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "max_new_tokens": most,
+    }
+
+
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    limits: list[int],
+    static: bool,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """New tokens of each row (rows x most new tokens, padded where a row ended early).
+
+    `limits` holds each row's own max_new_tokens.
+    """
+    rows, width = input_ids.shape
+    output = model.generate(**shaped(input_ids, attention_mask, limits, static, **kwargs))
     return output[:rows, width:]

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from gemma_batch.chat import gemma_turns
 from gemma_batch.params import GenerationParams, JobSpec
 from gemma_batch.progress import WorkItem
 from tests.conftest import TINY
+from worker import decoding
 from worker.engine import Engine
 from worker.loader import load_model
 
@@ -162,3 +164,28 @@ def test_static_micro_batches_stop_at_the_largest_row_bucket(
     for row in encoded:
         row.new_tokens = 4
     assert [len(b) for b in engine.micro_batches(encoded)] == [256, 44]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object], static: bool) -> None:
+    # A micro-batch as the engine builds it (left-padded rows of unrelated prompts, as small-job
+    # merging makes them; with `static`, padded to a row bucket with a bucketed static cache)
+    # must give every row the next-token logits it gets alone, at every step.
+    model, tokenizer = fp32
+    engine = Engine(model, tokenizer, batch_tokens=4096)
+    rows = [engine.render(item).ids for item in _items()]
+    greedy = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+    def logits(batch: list[list[int]], steps: int) -> torch.Tensor:
+        inputs = tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt")
+        arguments = decoding.shaped(
+            inputs["input_ids"], inputs["attention_mask"], [steps] * len(batch), static, **greedy
+        )
+        with torch.inference_mode():
+            out = model.generate(**arguments, min_new_tokens=steps)  # type: ignore[attr-defined]
+        return torch.stack(out.logits, dim=1)[: len(batch)]
+
+    together = logits(rows, 4)
+    for k, row in enumerate(rows):
+        alone = logits([row], 4)[0]
+        assert torch.allclose(together[k], alone, atol=1e-4), (k, (together[k] - alone).abs().max())

@@ -1,0 +1,96 @@
+"""End to end: the same items through API -> Redis -> worker -> SQL, and through the engine alone.
+
+On the real Gemma 3 270M (fp32, the CPU default), greedy, 16 new tokens, EOS honoured:
+- the engine alone: the worker's Engine over all items in one call, in this process;
+- one job of all the items through a local stack (API and one worker, SQLite, Redis), timed
+  from the submit to the job's completion (the worker is warm: a first job loads the model);
+- as many one-item jobs, submitted at once from 20 threads, timed until the last completes
+  (small-job merging at work), against one job of the same items.
+
+    .venv/bin/python -m bench.e2e [--items 256] [--small 200] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from bench.common import Row, model_path, print_table, timed
+from bench.prompts import prompts
+from gemma_batch.client import Client
+from gemma_batch.params import GenerationParams, JobSpec
+from gemma_batch.progress import WorkItem
+from gemma_batch.settings import get_settings
+
+MODEL = "gemma-3-270m"
+NEW = 16
+PARAMS = {"max_new_tokens": NEW}
+
+
+def one_job(client: Client, texts: list[str]) -> None:
+    job = client.submit(MODEL, [{"prompt": t} for t in texts], PARAMS)
+    assert job.wait(poll=0.1).status == "completed"
+
+
+def small_jobs(client: Client, texts: list[str]) -> None:
+    with ThreadPoolExecutor(20) as pool:
+        jobs = list(pool.map(lambda t: client.submit(MODEL, [{"prompt": t}], PARAMS), texts))
+    for job in jobs:
+        assert job.wait(poll=0.1).status == "completed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="gemma-batch-e2e-"))
+    # A store and a queue of the benchmark's own, so no other worker takes its tasks.
+    os.environ |= {
+        "GEMMA_BATCH_DATA_DIR": str(folder),
+        "GEMMA_BATCH_BROKER_URL": "redis://127.0.0.1:6379/10",
+        "GEMMA_BATCH_MODEL": MODEL,
+        "GEMMA_BATCH_QUANTIZATION": "none",
+        "GEMMA_BATCH_WORKER_METRICS_PORT": "0",
+    }
+    get_settings.cache_clear()
+    from gemma_batch.cli.admin import db_upgrade
+    from gemma_batch.stack import LocalStack
+    from worker.engine import Engine
+    from worker.loader import load_model
+
+    db_upgrade()
+    torch.set_num_threads(2)
+    texts = prompts(args.items)
+    rows: list[Row] = []
+
+    model, tokenizer = load_model(model_path(), "none", "cpu")
+    engine = Engine(model, tokenizer, batch_tokens=get_settings().batch_tokens)
+    items = [WorkItem(i, t, None) for i, t in enumerate(texts)]
+    spec = JobSpec(params=GenerationParams(**PARAMS))
+    engine_row = Row("engine alone, one call", args.items)
+    timed(engine_row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
+
+    with LocalStack({}, folder / "logs", ["--device", "cpu"]) as stack:
+        client = stack.client()
+        one_job(client, texts[:8])  # loads the model in the worker
+        stack_row = Row("API -> Redis -> worker -> SQL, one job", args.items)
+        timed(stack_row, args.runs, lambda: one_job(client, texts))
+        small = texts[: args.small]
+        one_row = Row(f"one job of {args.small} items", args.small)
+        timed(one_row, args.runs, lambda: one_job(client, small))
+        many_row = Row(f"{args.small} one-item jobs at once", args.small)
+        timed(many_row, args.runs, lambda: small_jobs(client, small))
+    rows = [engine_row, stack_row]
+    print_table(f"End to end: {args.items} prompts x {NEW} tokens", rows, engine_row.name)
+    print_table(f"Small jobs: {args.small} prompts", [one_row, many_row], one_row.name)
+
+
+if __name__ == "__main__":
+    main()
