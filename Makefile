@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e
 
 setup:
 	scripts/bootstrap.sh demo
@@ -35,6 +35,9 @@ bench-w3: bench-setup
 bench-ingest: bench-setup
 	scripts/bootstrap.sh test
 	$(PY) -m bench.ingest
+
+bench-e2e: bench-setup
+	$(PY) -m bench.e2e
 
 bench-gpu: bench-setup
 	$(PY) -m bench.gpu --out bench-gpu.json

@@ -1,10 +1,11 @@
 """Re-enqueue chunks whose task was lost. SQL is the truth; Redis is only the transport.
 
 A chunk is stranded when it still has pending items that no live worker leases while no message
-for it waits in Redis, neither in its queue nor delivered and unacknowledged. That happens when
-Redis restarts without its data, when a worker dies past redelivery, or when an API process
-stops between storing a job and enqueueing it. Sending a chunk twice is harmless (leases and
-pending-only writes see to that), so the sweep need not be exact, only eventually complete.
+for it waits in its queue. That happens when Redis restarts without its data, when a worker
+dies past redelivery (a lost machine: Redis would hand its unacknowledged chunk out again only
+after the visibility timeout, an hour by default), or when an API process stops between storing
+a job and enqueueing it. Sending a chunk twice is harmless (leases and pending-only writes see
+to that), so the sweep need not be exact, only eventually complete.
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ def _chunk_of(message: dict) -> tuple[str, int] | None:  # type: ignore[type-arg
 
 
 def chunks_in_broker(client: redis.Redis, models: set[str]) -> set[tuple[str, int]]:
-    """(job, chunk) of every task message queued for these models or delivered and unacked."""
+    """(job, chunk) of every task message waiting in these models' queues."""
     raw: list[bytes] = []
     for model in models:
         # kombu keeps one list per priority step, named after the queue.
         for key in client.scan_iter(match=f"{queue_name(model)}*", _type="list"):
             raw.extend(client.lrange(key, 0, -1))
+    # Delivered, unacknowledged messages are not counted: a worker that holds one and lives has
+    # leased the chunk's items, so only a dead one's chunk can look stranded.
     messages = [json.loads(payload) for payload in raw]
-    # kombu's Redis transport parks delivered messages here until they are acknowledged.
-    messages += [json.loads(entry)[0] for entry in client.hvals("unacked")]
     return {chunk for message in messages if (chunk := _chunk_of(message)) is not None}
 
 
