@@ -53,8 +53,10 @@ class Chunk:
     def __init__(self, engine: Any, job_id: str, spec: JobSpec, max_attempts: int) -> None:
         self.engine, self.job_id, self.spec, self.max_attempts = engine, job_id, spec, max_attempts
         self.stored = 0
+        self.open_jobs: set[str] = set()
 
     def run(self, claimed: list[Claimed]) -> int:
+        self.open_jobs = {c.job_id for c in claimed}
         doomed = [c for c in claimed if c.attempts >= self.max_attempts]
         if doomed and not self._store(
             [
@@ -75,12 +77,12 @@ class Chunk:
         for group in ([first] if first else []) + suspects:
             with_db_retries(partial(mark_started, item_ids=[c.item_id for c in group]))
             if not self._bisect(group):
-                log.info("job %s is over; its chunk stops", self.job_id)
+                log.info("the jobs in this delivery (chunk of %s) are over; it stops", self.job_id)
                 break
         return self.stored
 
     def _bisect(self, group: list[Claimed]) -> bool:
-        """Run a group, or if it raises, its unanswered halves; False once the job is over."""
+        """Run a group, or if it raises, its unanswered halves; False once its jobs are over."""
         batch = [replace(c.item, index=k) for k, c in enumerate(group)]
         answered: set[int] = set()
         results = run_groups(self.engine, batch, self.spec)
@@ -108,13 +110,16 @@ class Chunk:
             started = time.perf_counter()
 
     def _store(self, results: list[tuple[Claimed, ItemResult]]) -> bool:
-        """Write results into their own jobs; True while this chunk's own job goes on."""
+        """Write results into their own jobs; False once every job in this delivery is over.
+
+        A cancelled job's items stop being written at once; the delivery goes on while it holds
+        items of other jobs (small-job merging), so theirs are not left half-run.
+        """
         by_job: dict[str, list[ItemResult]] = {}
         for claim, result in results:
             by_job.setdefault(claim.job_id, []).append(result)
-        going_on = True
         for owner, answered in by_job.items():
-            still = with_db_retries(partial(record_results, job_id=owner, results=answered))
-            going_on = still if owner == self.job_id else going_on
+            if not with_db_retries(partial(record_results, job_id=owner, results=answered)):
+                self.open_jobs.discard(owner)
         self.stored += len(results)
-        return going_on
+        return bool(self.open_jobs)
