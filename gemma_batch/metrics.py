@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from kombu.exceptions import ChannelError
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import case, distinct, func, select
+from sqlalchemy import case, func, select
 
 from gemma_batch.db import session_scope
-from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus
+from gemma_batch.models import FINISHED_JOB_STATES, Item, ItemStatus, Job, JobStatus, utcnow
 from gemma_batch.queue import celery_app, queue_name
 
 
@@ -26,12 +26,12 @@ class StoreCollector(Collector):
                 (Item.status == ItemStatus.COMPLETED, "done"),
                 (Item.status == ItemStatus.FAILED, "failed"),
                 (Item.status == ItemStatus.CANCELLED, "cancelled"),
-                (Item.attempts > 0, "running"),
+                (Item.lease_until > utcnow(), "running"),  # a live worker holds it
                 else_="queued",
             )
             items = dict(session.execute(select(state, func.count()).group_by(state)).all())
             models = session.scalars(
-                select(distinct(Job.model)).where(Job.status.not_in(FINISHED_JOB_STATES))
+                select(Job.model).distinct().where(Job.status.not_in(FINISHED_JOB_STATES))
             ).all()
         by_status = GaugeMetricFamily("gemma_batch_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
