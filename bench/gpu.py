@@ -8,6 +8,7 @@ For each model and precision, through the engine's decoding path (worker.decodin
 NF4 goes through the worker's own loader (bitsandbytes) from a saved copy of the bf16 weights.
 
     python -m bench.gpu [--archs gemma-2b,gemma-7b] [--budget SECONDS] [--out FILE]
+    python -m bench.gpu --archs gemma-2b --profile   # where a batch-1 step's time goes
 
 `--archs gemma-tiny` runs the whole script in seconds, on the CPU too, to check it.
 """
@@ -164,14 +165,32 @@ def run_model(
     )
 
 
+def profile(model: Any) -> None:
+    """Where a batch-1 compiled decode spends its time: host-side ops and GPU kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    measure(model, 1, True)  # compiled and captured first
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profiler(activities=activities) as prof:
+        timed(model, 1, NEW, True)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    print(averages.table(sort_by="self_device_time_total", row_limit=15), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="gemma-2b,gemma-7b")
     parser.add_argument("--precisions", default="bf16,nf4")
     parser.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", action="store_true", help="profile batch-1 decoding only")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.profile:
+        profile(build(args.archs.split(",")[0], device))
+        return
     report = Report(args.out, args.budget)
     bandwidth = copy_bandwidth(device)
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
