@@ -23,13 +23,13 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    if not get_settings().auth:
+    settings = get_settings()
+    if not settings.auth:
         log.warning(
             "AUTH IS OFF (GEMMA_BATCH_AUTH=false): anyone who can reach this API can read and "
             "submit every job as the 'default' tenant. Use this for local work only."
         )
     # Webhooks and the sweep for lost tasks run in the API process, which every stack runs.
-    settings = get_settings()
     loops = [
         asyncio.create_task(deliver_forever(settings)),
         asyncio.create_task(reconcile_forever(settings)),

@@ -47,6 +47,8 @@ def claim_companions(
     alike = [job.id for job in jobs if job_spec(job) == spec]
     if not alike or room <= 0:
         return []
+    # Only untried items: one that was in a batch that killed its worker runs alone instead.
+    # (An item's attempts only grow under a lease, which take_leases checks again row by row.)
     candidates = (
         select(Item.id)
         .where(
@@ -58,10 +60,4 @@ def claim_companions(
         .order_by(Item.job_id, Item.index)
         .limit(room)
     )
-    # Only untried items: one that was in a batch that killed its worker runs alone instead.
-    return take_leases(
-        session,
-        [Item.id.in_(candidates.scalar_subquery()), Item.attempts == 0],
-        worker,
-        lease_seconds,
-    )
+    return take_leases(session, [Item.id.in_(candidates.scalar_subquery())], worker, lease_seconds)
