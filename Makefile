@@ -14,9 +14,12 @@ test:
 	$(PY) -m gemma_batch model prepare gemma-3-270m
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, and the import contracts in pyproject.toml (docs/architecture.md draws them).
 lint:
+	scripts/bootstrap.sh install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 
 # Benchmarks (docs/benchmarks.md): one command per workload.
 bench-setup: setup

@@ -9,11 +9,11 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from gemma_batch.auth import tenant_of
-from gemma_batch.db import session_scope
+from api.auth import tenant_of
 from gemma_batch.errors import Unauthorized
-from gemma_batch.models import DEFAULT_TENANT
 from gemma_batch.settings import Settings, get_settings
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import DEFAULT_TENANT
 
 # auto_error off: a missing key gets the project's own 401 body, not FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from `gemma-batch keys create`.")

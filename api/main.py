@@ -11,12 +11,14 @@ from fastapi import Depends, FastAPI
 
 from api.deps import current_tenant
 from api.errors import install_error_handlers
-from api.forms import install_body_schemas
+from api.jobs.forms import install_body_schemas
+from api.jobs.routes import router as jobs_router
+from api.jobs.webhooks import deliver_forever
 from api.limits import BodySizeLimit
-from api.routes import batches, completions, files, health, jobs, metrics, ui
-from gemma_batch.reconciler import reconcile_forever
+from api.openai.routes import router as openai_router
+from api.ops.routes import router as ops_router
+from gemma_batch.dispatch.sweep import reconcile_forever
 from gemma_batch.settings import get_settings
-from gemma_batch.webhooks import deliver_forever
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,9 @@ def create_app() -> FastAPI:
         version="0.1.0",
     )
     # Everything under /v1 needs an API key; /healthz, /metrics and the /ui page stay open.
-    for router in (jobs.router, files.router, batches.router, completions.router):
+    for router in (jobs_router, openai_router):
         app.include_router(router, dependencies=[Depends(current_tenant)])
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(ui.router)
+    app.include_router(ops_router)
     install_error_handlers(app)
     install_body_schemas(app)
     settings = get_settings()

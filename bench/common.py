@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gemma_batch.model_cache import get_prepared
+from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import get_settings
 
 console = Console(width=160)

@@ -25,8 +25,8 @@ import torch
 from bench.common import Row, model_path, print_table, timed
 from bench.prompts import prompts
 from gemma_batch.client import Client
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
 from gemma_batch.settings import get_settings
 
 MODEL = "gemma-3-270m"
@@ -63,9 +63,9 @@ def main() -> None:
     }
     get_settings.cache_clear()
     from gemma_batch.cli.admin import db_upgrade
-    from gemma_batch.stack import LocalStack
-    from worker.engine import Engine
-    from worker.loader import load_model
+    from gemma_batch.cli.stack import LocalStack
+    from worker.engine.engine import Engine
+    from worker.engine.loader import load_model
 
     db_upgrade()
     torch.set_num_threads(2)

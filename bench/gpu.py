@@ -1,6 +1,6 @@
 """GPU figures on gemma-2b and gemma-7b shapes with random weights (a GPU box may have no hub).
 
-For each model and precision, through the engine's decoding path (worker.decoding):
+For each model and precision, through the engine's decoding path (worker.engine.decoding):
 - decode step time at batch 1, eager with a dynamic cache and with the static cache that
   transformers compiles on CUDA, against the HBM roofline (weight bytes / measured copy
   bandwidth: at batch 1 every step reads every weight once);
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from worker import decoding
-from worker.loader import load_weights
+from worker.engine import decoding
+from worker.engine.loader import load_weights
 
 ARCHS: dict[str, dict[str, int]] = {
     "gemma-2b": {

@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from bench.common import Row, console, print_table
-from gemma_batch.stack import free_port
+from gemma_batch.cli.stack import free_port
 
 BROKER = "redis://127.0.0.1:6379/14"
 

@@ -19,10 +19,10 @@ import torch
 from bench.common import Row, console, gguf_path, model_path, print_table, timed
 from bench.reviews import reviews
 from gemma_batch.cli.demo import TEMPLATE, fewshot
-from gemma_batch.params import JobSpec
-from gemma_batch.progress import WorkItem
-from worker.engine import Engine
-from worker.loader import load_model
+from gemma_batch.domain.params import JobSpec
+from gemma_batch.domain.records import WorkItem
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 LABELS = ["positive", "negative"]
 

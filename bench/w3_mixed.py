@@ -16,10 +16,10 @@ import torch
 
 from bench.common import Row, console, gguf_path, model_path, print_table, timed
 from bench.prompts import lengths, prompts
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
-from worker.engine import Engine
-from worker.loader import load_model
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 
 def main() -> None:

@@ -11,9 +11,7 @@ from typing import IO, Any
 
 import httpx
 
-from gemma_batch.schemas import JobRead
-
-FINISHED = ("completed", "failed", "cancelled")
+from gemma_batch.domain.records import FINISHED_JOB_STATES, JobRead
 
 
 class ApiError(Exception):
@@ -53,7 +51,7 @@ class Job:
             info = self.refresh()
             if on_progress:
                 on_progress(info)
-            if info.status in FINISHED:
+            if info.status in FINISHED_JOB_STATES:
                 return info
             time.sleep(poll)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from gemma_batch.db import build_engine
-from gemma_batch.models import Base
 from gemma_batch.settings import get_settings
+from gemma_batch.store.sessions import sql_engine
+from gemma_batch.store.tables import Base
 
 
 def run_migrations() -> None:
@@ -14,7 +14,7 @@ def run_migrations() -> None:
     if connection is not None:  # a caller (a test) hands in its own connection
         _run(connection)
         return
-    engine = build_engine(get_settings().database_url, "gemma-batch migrate")
+    engine = sql_engine(get_settings().database_url, "gemma-batch migrate")
     with engine.connect() as connection:
         _run(connection)
     engine.dispose()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything `make demo` and `make test` need on a fresh machine:
 #   .venv with the project installed, and a Redis (and, for tests, a PostgreSQL) that answers.
-# Usage: scripts/bootstrap.sh [demo|test]
+# Usage: scripts/bootstrap.sh [demo|test|install]   (install: the .venv alone, for `make lint`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-demo}"
@@ -30,7 +30,7 @@ install_project() {
   "$py" -c "import torch" 2>/dev/null || { say "installing torch"; "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"; }
   if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
     say "installing gemma-batch"
-    "$py" -m pip install -q -e ".[test]"
+    "$py" -m pip install -q -e ".[api,worker,test]"
     touch "$venv/.installed"
   fi
 }
@@ -87,5 +87,6 @@ ensure_chromium() {
 }
 
 install_project
+[ "$mode" = install ] && exit 0
 ensure_redis
 if [ "$mode" = test ]; then ensure_postgres; ensure_chromium; fi

@@ -17,8 +17,8 @@ from playwright.sync_api import sync_playwright
 
 from gemma_batch.cli.admin import db_upgrade
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
+from gemma_batch.cli.stack import LocalStack, free_port
 from gemma_batch.settings import get_settings
-from gemma_batch.stack import LocalStack, free_port
 
 OUT = Path(__file__).parents[1] / "docs" / "images"
 ARGS = [

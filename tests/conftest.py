@@ -41,15 +41,16 @@ os.environ.update(
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from gemma_batch.db import reset_engine  # noqa: E402
+from gemma_batch.cli.stack import LocalStack  # noqa: E402
 from gemma_batch.settings import get_settings  # noqa: E402
+from gemma_batch.store.sessions import reset_sql_engine  # noqa: E402
 from tests.tiny_model import build_tiny_gemma  # noqa: E402
 
 
 def bearer(tenant: str) -> dict[str, str]:
     """Headers with a new API key for `tenant`, made in the current settings' database."""
-    from gemma_batch.auth import create_key
-    from gemma_batch.db import session_scope
+    from api.auth import create_key
+    from gemma_batch.store.sessions import session_scope
 
     with session_scope() as session:
         key = create_key(session, tenant).key
@@ -130,11 +131,35 @@ def _use_database(make) -> Iterator[str]:  # type: ignore[no-untyped-def]
         previous = os.environ["GEMMA_BATCH_DATABASE_URL"]
         os.environ["GEMMA_BATCH_DATABASE_URL"] = url
         get_settings.cache_clear()
-        reset_engine()
+        reset_sql_engine()
         db_upgrade()
         try:
             yield url
         finally:
-            reset_engine()
+            reset_sql_engine()
             os.environ["GEMMA_BATCH_DATABASE_URL"] = previous
             get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def stack_database(sqlite_url: str) -> str:
+    """The database a module's stack runs on; a module overrides it to run on both kinds."""
+    return sqlite_url
+
+
+@pytest.fixture(scope="module")
+def stack_env() -> dict[str, str]:
+    """Settings of a module's stack over the tests' own; a module overrides it to change them."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    stack_database: str,
+    stack_env: dict[str, str],
+    model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LocalStack]:
+    """`gemma-batch api` and `gemma-batch worker` as child processes, one set per test module."""
+    with LocalStack(stack_env, tmp_path_factory.mktemp("stack")) as running:
+        yield running

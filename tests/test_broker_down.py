@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from gemma_batch import auth
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item, Job
-from gemma_batch.stack import free_port
+from api import auth
+from gemma_batch.cli.stack import free_port
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY
 
 

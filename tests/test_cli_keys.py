@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from gemma_batch import auth
-from gemma_batch.db import session_scope
+from api import auth
+from gemma_batch.store.sessions import session_scope
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

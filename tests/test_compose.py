@@ -69,7 +69,7 @@ def test_services_commands_and_exposure() -> None:
     }
     assert set(services) == expected
     for name, service in services.items():
-        if service.get("image") == "gemma-batch:latest":
+        if str(service.get("image")).startswith("gemma-batch-"):
             assert _is_cli_command(list(service["command"])), name
             assert "${REDIS_PASSWORD" in service["environment"]["GEMMA_BATCH_BROKER_URL"]
     redis = services["redis"]
@@ -86,3 +86,26 @@ def test_services_commands_and_exposure() -> None:
     assert device["driver"] == "nvidia" and device["device_ids"] == ["0"]
     assert "deploy" not in cpu
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # The API side runs the torch-free image; what loads or converts a model, the worker image.
+    targets = {name: s["build"]["target"] for name, s in services.items() if "build" in s}
+    assert targets == {
+        "migrate": "api",
+        "api": "api",
+        "flower": "api",
+        "prepare": "worker",
+        "worker-gpu0": "worker",
+        "worker-cpu": "worker",
+    }
+
+
+def test_the_api_image_installs_no_torch() -> None:
+    stages: dict[str, list[str]] = {}
+    for line in (COMPOSE.parent / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            stages[line.split()[-1]] = current = []
+        elif line.strip() and not line.startswith("#"):
+            current.append(line)
+    assert set(stages) == {"source", "api", "worker"}
+    assert 'RUN pip install --no-cache-dir ".[api]"' in stages["api"]
+    assert not [line for line in stages["api"] + stages["source"] if "torch" in line]
+    assert 'RUN pip install --no-cache-dir ".[worker]"' in stages["worker"]

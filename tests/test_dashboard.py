@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
-from gemma_batch.stack import LocalStack
+from gemma_batch.cli.stack import LocalStack
 from tests.conftest import TINY
 
 # As the machine's own probe runs it: no network chatter from a browser on a closed network.
@@ -28,14 +28,6 @@ def browser() -> Iterator[Browser]:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    with LocalStack({}, tmp_path_factory.mktemp("ui")) as running:
-        yield running
 
 
 def test_dashboard_lists_jobs_and_charts_labels(

@@ -11,27 +11,26 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item
-from gemma_batch.schemas import JobRead, ResultLine
-from gemma_batch.stack import LocalStack
+from api.jobs.schemas import JobRead, ResultLine
+from gemma_batch.cli.stack import LocalStack
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item
 from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def stack(
-    module_database_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    logs = tmp_path_factory.mktemp("logs")
-    env = {"GEMMA_BATCH_CHUNK_SIZE": "8", "GEMMA_BATCH_QUANTIZATION": "nf4"}
-    with LocalStack(env, logs) as running:
-        yield running
+def stack_database(module_database_url: str) -> str:
+    return module_database_url
+
+
+@pytest.fixture(scope="module")
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_CHUNK_SIZE": "8", "GEMMA_BATCH_QUANTIZATION": "nf4"}
 
 
 def _prompts(count: int) -> list[dict[str, str]]:

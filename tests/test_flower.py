@@ -6,23 +6,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from gemma_batch.stack import LocalStack, free_port
+from gemma_batch.cli.stack import LocalStack, free_port
 from tests.conftest import TINY
 
 AUTH = ("watcher", "s3cret-pass")
 
 
 @pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "4"}, tmp_path_factory.mktemp("flower")) as running:
-        yield running
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_CHUNK_SIZE": "4"}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -14,18 +13,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from gemma_batch.cli.demo import TEMPLATE, fewshot, sample_rows
-from gemma_batch.stack import LocalStack
+from gemma_batch.cli.stack import LocalStack
 from tests.conftest import TINY
 
 CHOICES = ["positive", "negative"]
 
 
 @pytest.fixture(scope="module")
-def stack(
-    module_database_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "5"}, tmp_path_factory.mktemp("logs")) as running:
-        yield running
+def stack_database(module_database_url: str) -> str:
+    return module_database_url
+
+
+@pytest.fixture(scope="module")
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_CHUNK_SIZE": "5"}
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -10,19 +9,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item, Job
-from gemma_batch.stack import LocalStack, free_port
+from gemma_batch.cli.stack import LocalStack, free_port
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    env = {"GEMMA_BATCH_CHUNK_SIZE": "4", "GEMMA_BATCH_WORKER_METRICS_PORT": str(free_port())}
-    with LocalStack(env, tmp_path_factory.mktemp("metrics")) as running:
-        yield running
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_CHUNK_SIZE": "4", "GEMMA_BATCH_WORKER_METRICS_PORT": str(free_port())}
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

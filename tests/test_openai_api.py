@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from gemma_batch.stack import LocalStack
+from gemma_batch.cli.stack import LocalStack
 from tests.conftest import TINY
 from tests.tiny_model import CONTEXT
 
 
 @pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    with LocalStack({"GEMMA_BATCH_CHUNK_SIZE": "4"}, tmp_path_factory.mktemp("openai")) as running:
-        yield running
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_CHUNK_SIZE": "4"}
 
 
 @pytest.fixture
@@ -203,8 +199,8 @@ def test_expired_batch_answers_what_is_left_with_batch_expired(
 ) -> None:
     from sqlalchemy import update
 
-    from gemma_batch.db import session_scope
-    from gemma_batch.models import Batch, utcnow
+    from gemma_batch.store.sessions import session_scope
+    from gemma_batch.store.tables import Batch, utcnow
 
     lines = [_line(f"e-{i}", f"A long tale about {i}", max_tokens=40) for i in range(200)]
     batch = client.batches.create(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from jsonschema import validate
 
 from gemma_batch.cli.demo import fewshot
-from gemma_batch.stack import LocalStack
+from gemma_batch.cli.stack import LocalStack
 from tests.conftest import REAL
 
 pytestmark = pytest.mark.real_model
@@ -18,12 +16,8 @@ MODEL = REAL  # the real Gemma 3 270M, under this run's name
 
 
 @pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    env = {"GEMMA_BATCH_MODEL": MODEL, "GEMMA_BATCH_QUANTIZATION": "nf4"}
-    with LocalStack(env, tmp_path_factory.mktemp("real")) as running:
-        yield running
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_MODEL": MODEL, "GEMMA_BATCH_QUANTIZATION": "nf4"}
 
 
 def test_real_gemma_answers_correctly(stack: LocalStack) -> None:

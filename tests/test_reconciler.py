@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from gemma_batch import jobs
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item
-from gemma_batch.progress import take_leases
-from gemma_batch.queue import queue_name
-from gemma_batch.reconciler import chunks_in_broker, sweep
-from gemma_batch.schemas import JobCreate
+from api.jobs import service as jobs
+from api.jobs.schemas import JobCreate
+from gemma_batch.dispatch.queues import queue_name
+from gemma_batch.dispatch.sweep import chunks_in_broker, sweep
 from gemma_batch.settings import get_settings
+from gemma_batch.store.claims import take_leases
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item
 from tests.conftest import TEST_BROKER, TINY
 
 

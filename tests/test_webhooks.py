@@ -9,18 +9,17 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from gemma_batch.auth import create_key
-from gemma_batch.db import session_scope
-from gemma_batch.models import Job
+from api.auth import create_key
+from api.jobs.webhooks import SIGNATURE_HEADER, deliver_due
+from gemma_batch.cli.stack import LocalStack
 from gemma_batch.settings import get_settings
-from gemma_batch.stack import LocalStack
-from gemma_batch.webhooks import SIGNATURE_HEADER, deliver_due
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Job
 from tests.conftest import TINY
 
 SECRET = "webhook-test-secret"
@@ -53,13 +52,8 @@ def receiver() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    sqlite_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LocalStack]:
-    with LocalStack(
-        {"GEMMA_BATCH_WEBHOOK_SECRET": SECRET}, tmp_path_factory.mktemp("hooks")
-    ) as running:
-        yield running
+def stack_env() -> dict[str, str]:
+    return {"GEMMA_BATCH_WEBHOOK_SECRET": SECRET}
 
 
 def test_signed_summary_is_delivered_after_retries(stack: LocalStack, receiver: str) -> None:

@@ -10,10 +10,12 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import Claimed, ItemResult, WorkItem, mark_started, record_results
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import ItemResult, WorkItem
+from gemma_batch.store.claims import Claimed, mark_started
+from gemma_batch.store.results import record_results
 from worker import metrics
-from worker.leases import with_db_retries
+from worker.heartbeat import with_db_retries
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from gemma_batch.dispatch.queues import queue_name
 from gemma_batch.errors import AppError
-from gemma_batch.model_cache import get_prepared
-from gemma_batch.queue import queue_name
+from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from gemma_batch.progress import ItemResult
+from gemma_batch.domain.records import ItemResult
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def observe(results: list[ItemResult], seconds: float) -> None:
 
 
 def _gpu_memory() -> None:
-    import torch
+    # Imported here: the Celery parent process imports this module and must never load torch.
+    from worker.engine.loader import gpu_memory_bytes
 
-    if torch.cuda.is_available():
-        GPU_MEMORY.set(torch.cuda.memory_allocated())
+    allocated = gpu_memory_bytes()
+    if allocated is not None:
+        GPU_MEMORY.set(allocated)

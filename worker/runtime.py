@@ -16,14 +16,13 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from gemma_batch.db import reset_engine
-from gemma_batch.merging import claim_companions
-from gemma_batch.model_cache import get_prepared
-from gemma_batch.progress import claim_chunk
+from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import get_settings
+from gemma_batch.store.claims import claim_chunk, claim_companions
+from gemma_batch.store.sessions import reset_sql_engine
 from worker import metrics
 from worker.chunk import Chunk
-from worker.leases import Heartbeat, with_db_retries
+from worker.heartbeat import Heartbeat, with_db_retries
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +30,18 @@ _engine: Any = None
 
 
 @worker_process_init.connect
-def _load_engine(**_: Any) -> None:
+def _on_process_init(**_: Any) -> None:
     # The parent's pooled DB connections must not be shared with the child.
-    reset_engine()
+    reset_sql_engine()
     metrics.serve(get_settings().worker_metrics_port)
     global _engine
-    _engine = build_engine()
+    _engine = load_engine()
 
 
-def build_engine() -> Any:
+def load_engine() -> Any:
     """Load the configured model from the local cache (imports torch, so only in workers)."""
-    from worker.engine import Engine
-    from worker.loader import load_model, resolve_device
+    from worker.engine.engine import Engine
+    from worker.engine.loader import load_model, resolve_device
 
     settings = get_settings()
     prepared = get_prepared(settings.model_dir, settings.model)
@@ -59,11 +58,11 @@ def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:
     """Run a chunk's pending items, storing each micro-batch's results as it finishes.
 
     The items are leased in SQL first, so a chunk delivered twice is computed once; a small
-    chunk is topped up with like jobs' untried items (see gemma_batch.merging).
+    chunk is topped up with like jobs' untried items (see gemma_batch.store.claims).
     """
     global _engine
     if _engine is None:  # pools without child processes never send worker_process_init
-        _engine = build_engine()
+        _engine = load_engine()
     settings = get_settings()
     spec, claimed = with_db_retries(
         lambda session: claim_chunk(session, job_id, chunk, worker, settings.lease_seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gemma_batch.queue import RUN_CHUNK, celery_app
+from gemma_batch.dispatch.queues import RUN_CHUNK, celery_app
 from worker import runtime
 
 __all__ = ["celery_app", "run_chunk"]

@@ -53,7 +53,7 @@ def model_prepare(
     force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False,
 ) -> None:
     """Put a model into the local cache so workers never download mid-job."""
-    from gemma_batch.prepare import prepare
+    from gemma_batch.cli.prepare import prepare
 
     path = prepare(source, get_settings(), name=name, force=force)
     console.print(f"prepared {path.name} at {path}")
@@ -62,8 +62,8 @@ def model_prepare(
 @model_app.command("list")
 def model_list() -> None:
     """Show the registry's aliases and which are prepared here."""
-    from gemma_batch.model_cache import prepared_names
-    from gemma_batch.registry import REGISTRY
+    from gemma_batch.models.cache import prepared_names
+    from gemma_batch.models.registry import REGISTRY
 
     settings = get_settings()
     prepared = set(prepared_names(settings.model_dir))
@@ -111,7 +111,9 @@ def run_flower(port: Annotated[int, typer.Option(help="Port Flower serves on.")]
     import sys
 
     settings = get_settings()
-    command = [sys.executable, "-m", "celery", "-A", "worker.tasks", "flower", f"--port={port}"]
+    # Flower needs the Celery app and the broker, not the worker's code.
+    app = "gemma_batch.dispatch.queues:celery_app"
+    command = [sys.executable, "-m", "celery", "-A", app, "flower", f"--port={port}"]
     if settings.flower_auth:
         # Through the environment, not the command line, which any local user can read.
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_auth.get_secret_value()

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from gemma_batch.cli.admin import db_upgrade
-from gemma_batch.model_cache import is_prepared
-from gemma_batch.prepare import prepare
+from gemma_batch.cli.prepare import prepare
+from gemma_batch.cli.stack import LocalStack
+from gemma_batch.models.cache import is_prepared
 from gemma_batch.settings import get_settings
-from gemma_batch.stack import LocalStack
 
 console = Console()
 LABELS = ("positive", "negative")

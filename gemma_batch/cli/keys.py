@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gemma_batch import auth
-from gemma_batch.db import session_scope
-from gemma_batch.schemas import as_utc
+from api import auth
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import as_utc
 
 console = Console()
 # The key and secret go alone to stdout, so a script can capture them; what they are, to stderr.

@@ -10,11 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from api import auth
 from api.main import create_app
-from gemma_batch import auth
-from gemma_batch.db import session_scope
-from gemma_batch.models import ApiKey, Job
 from gemma_batch.settings import get_settings
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import ApiKey, Job
 from tests.conftest import TINY, bearer
 
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item, Job
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY, bearer
 
 

@@ -37,10 +37,10 @@ import redis
 from sqlalchemy import Engine, Row, func, select
 from sqlalchemy.orm import Session
 
-from gemma_batch.db import build_engine, reset_engine
-from gemma_batch.models import Item, Job
+from gemma_batch.cli.stack import _die_with_parent, free_port
 from gemma_batch.settings import get_settings
-from gemma_batch.stack import _die_with_parent, free_port
+from gemma_batch.store.sessions import reset_sql_engine, sql_engine
+from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY, _postgres_database
 
 # What every fault test runs with: the test-only hooks on, and short lease and sweep periods,
@@ -72,7 +72,7 @@ def auth_headers(engine: Engine) -> dict[str, str]:
     The one place for authentication; the key is made straight in the database `engine` points
     at, the way `gemma-batch keys create --tenant faults` makes one.
     """
-    from gemma_batch.auth import create_key
+    from api.auth import create_key
 
     with Session(engine) as session:
         key = create_key(session, TENANT).key
@@ -322,11 +322,11 @@ def migrate(url: str) -> None:
     previous = os.environ["GEMMA_BATCH_DATABASE_URL"]
     os.environ["GEMMA_BATCH_DATABASE_URL"] = url
     get_settings.cache_clear()
-    reset_engine()
+    reset_sql_engine()
     try:
         db_upgrade()
     finally:
-        reset_engine()
+        reset_sql_engine()
         os.environ["GEMMA_BATCH_DATABASE_URL"] = previous
         get_settings.cache_clear()
 
@@ -338,7 +338,7 @@ class Store:
     """The tests' own read-only view of the job tables (SQL is the source of truth)."""
 
     def __init__(self, url: str) -> None:
-        self.engine = build_engine(url, "gemma-batch fault-tests")
+        self.engine = sql_engine(url, "gemma-batch fault-tests")
 
     def items(self, job_id: str) -> list[Row[Any]]:
         query = (

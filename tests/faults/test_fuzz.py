@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from api.main import app
-from gemma_batch.db import get_engine
 from gemma_batch.settings import get_settings
+from gemma_batch.store.sessions import get_sql_engine
 from tests.faults.conftest import auth_headers
 
 EXAMPLES = 25  # per operation
@@ -48,7 +48,7 @@ def fuzz_database(sqlite_url: str, model_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def api_headers(fuzz_database: str) -> dict[str, str]:
-    return auth_headers(get_engine())
+    return auth_headers(get_sql_engine())
 
 
 @schema.parametrize()

@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from gemma_batch import jobs
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item, Job
-from gemma_batch.progress import claim_chunk
-from gemma_batch.schemas import JobCreate
+from api.jobs import service as jobs
+from api.jobs.schemas import JobCreate
 from gemma_batch.settings import get_settings
+from gemma_batch.store.claims import claim_chunk
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY
 from worker.chunk import Chunk
-from worker.engine import Engine
-from worker.loader import load_model
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 
 @pytest.fixture(scope="module")

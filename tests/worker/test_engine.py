@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_batch.chat import gemma_turns
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
+from gemma_batch.domain.chat import gemma_turns
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker import decoding
-from worker.engine import Engine
-from worker.loader import load_model
+from worker.engine import decoding
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 PROMPTS = [
     "The capital of France is",

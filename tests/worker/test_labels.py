@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma_batch.params import JobSpec
-from gemma_batch.progress import WorkItem
+from gemma_batch.domain.params import JobSpec
+from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker.engine import Engine
-from worker.loader import load_model
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 # Longer than the tiny model's 64-token sliding window, so the cached prefix crosses it.
 PREFIX = (

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import TINY
-from worker.loader import bf16_bytes, resolve_quantization
+from worker.engine.loader import bf16_bytes, resolve_quantization
 
 
 def test_bf16_size_comes_from_the_safetensors_headers(model_dir: Path) -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from gemma_batch.db import session_scope
-from gemma_batch.models import Item
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
-from gemma_batch.stack import LocalStack
+from gemma_batch.cli.stack import LocalStack
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item
 from tests.conftest import TINY
-from worker.engine import Engine
-from worker.loader import load_model
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 PROMPTS = [f"Small job number {i} says" for i in range(12)]
 

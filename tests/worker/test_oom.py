@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker.engine import Engine
-from worker.loader import load_model
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 
 def test_batch_is_split_on_out_of_memory(model_dir: Path) -> None:

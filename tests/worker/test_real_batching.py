@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from gemma_batch.params import GenerationParams, JobSpec
-from gemma_batch.progress import WorkItem
-from worker.engine import Engine
-from worker.loader import load_model
+from gemma_batch.domain.params import GenerationParams, JobSpec
+from gemma_batch.domain.records import WorkItem
+from worker.engine.engine import Engine
+from worker.engine.loader import load_model
 
 PROMPTS = [
     "The capital of France is",

@@ -1,0 +1,339 @@
+"""Job services used by the API and the CLI: create, read, list and cancel jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import IO, Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from api.jobs.ingest import detect_format, iter_rows
+from api.jobs.schemas import FileJob, JobCreate, JobOptions
+from api.jobs.templates import Template
+from gemma_batch.dispatch.queues import BATCH_PRIORITY, enqueue_chunks
+from gemma_batch.domain.chat import gemma_turns
+from gemma_batch.domain.records import (
+    FINISHED_JOB_STATES,
+    OPEN_JOB_STATES,
+    ItemStatus,
+    JobStatus,
+)
+from gemma_batch.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+    TooManyQueued,
+)
+from gemma_batch.models.cache import PreparedModel, get_prepared
+from gemma_batch.settings import Settings
+from gemma_batch.store.tables import Item, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+INSERT_BATCH = 2000
+MAX_ID = 256  # the longest caller's id the items table keeps
+# Tokens the Gemma turn format adds around a prompt in chat mode.
+CHAT_OVERHEAD = 8
+
+
+@dataclass(frozen=True)
+class NewItem:
+    where: str  # where the caller put it, for errors: "items[3]" or "line 7"
+    custom_id: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    fields: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+
+
+def _check_prompt_chars(batch: list[NewItem], limit: int) -> None:
+    """Refuse overlong prompts by their length alone, before any time goes into tokenizing."""
+    lengths = {
+        item.where: len(item.prompt)
+        if item.prompt is not None
+        else sum(len(message["content"]) for message in item.messages or [])
+        for item in batch
+    }
+    errors = [
+        FieldError(where, f"the prompt is {length} characters, over the limit of {limit}")
+        for where, length in lengths.items()
+        if length > limit
+    ]
+    if errors:
+        raise InvalidRequest(errors)
+
+
+def queued_items(session: Session, tenant: str) -> int:
+    """How many of the tenant's items are still to be done, in its queued and running jobs."""
+    left = func.sum(Job.total - Job.completed - Job.failed)
+    return (
+        session.scalar(
+            select(func.coalesce(left, 0)).where(
+                Job.tenant == tenant, Job.status.in_(OPEN_JOB_STATES)
+            )
+        )
+        or 0
+    )
+
+
+def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
+    """Refuse prompts that, with the tokens asked for, would not fit the model's context."""
+    overhead = model.count_tokens([options.prefix])[0] if options.prefix else 0
+    if options.chat:
+        overhead += CHAT_OVERHEAD
+    limit, wanted = model.context_length, options.params.max_new_tokens
+    if options.choices:  # a label needs room for its longest choice, not for generation
+        wanted = max(model.count_tokens([" " + choice for choice in options.choices]))
+    texts = {
+        item.where: item.prompt if item.prompt is not None else gemma_turns(item.messages or [])
+        for item in batch
+    }
+    # Gemma's tokenizer never makes more tokens than UTF-8 bytes (plus <bos>), so only texts
+    # long enough to matter are tokenized: counting every row would dominate a big upload.
+    doubtful = [
+        where for where, text in texts.items() if len(text.encode()) + 1 + overhead + wanted > limit
+    ]
+    counts = model.count_tokens([texts[where] for where in doubtful])
+    errors = [
+        FieldError(
+            where,
+            f"the prompt is {tokens + overhead} tokens; with max_new_tokens {wanted} it exceeds "
+            f"{options.model}'s context of {limit} tokens",
+        )
+        for where, tokens in zip(doubtful, counts, strict=True)
+        if tokens + overhead + wanted > limit
+    ]
+    if errors:
+        raise InvalidRequest(errors)
+
+
+def create_job(
+    session: Session,
+    request: JobCreate,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None = None,
+) -> Job:
+    """A job from a JSON body of prompts or chats."""
+    if len(request.items) > settings.max_items:
+        raise InvalidRequest([FieldError("items", f"more than the limit of {settings.max_items}")])
+    items = (
+        NewItem(
+            f"items[{index}].{'prompt' if item.prompt is not None else 'messages'}",
+            item.id if item.id is not None else str(index),
+            item.prompt,
+            None if item.messages is None else [m.model_dump() for m in item.messages],
+        )
+        for index, item in enumerate(request.items)
+    )
+    return store_job(session, request, items, settings, tenant, idempotency_key=idempotency_key)
+
+
+def create_job_from_file(
+    session: Session,
+    upload: IO[bytes],
+    filename: str | None,
+    request: FileJob,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None = None,
+) -> Job:
+    """A job from an uploaded file: each row is put through the template, its fields kept."""
+    template = Template(request.template)
+    fmt = detect_format(filename, request.format)
+    columns: dict[str, None] = {}  # field names in order of first appearance
+
+    def items() -> Iterator[NewItem]:
+        for index, (where, row) in enumerate(iter_rows(upload, fmt)):
+            missing = template.missing(row)
+            if missing:
+                raise InvalidRequest(
+                    [
+                        FieldError(
+                            "file", f"{where}: no field '{missing[0]}', which the template needs"
+                        )
+                    ]
+                )
+            columns.update(dict.fromkeys(row))
+            row_id = row.get(request.id_field)
+            if row_id is not None and len(str(row_id)) > MAX_ID:
+                raise InvalidRequest(
+                    [FieldError("file", f"{where}: its id is over {MAX_ID} characters")]
+                )
+            yield NewItem(
+                where, str(index if row_id is None else row_id), template.render(row), fields=row
+            )
+
+    return store_job(
+        session,
+        request,
+        items(),
+        settings,
+        tenant,
+        template=request.template,
+        columns=columns,
+        idempotency_key=idempotency_key,
+    )
+
+
+def store_job(
+    session: Session,
+    options: JobOptions,
+    items: Iterable[NewItem],
+    settings: Settings,
+    tenant: str,
+    template: str | None = None,
+    columns: dict[str, None] | None = None,
+    check_context: bool = True,
+    priority: int = BATCH_PRIORITY,
+    idempotency_key: str | None = None,
+) -> Job:
+    """Store the job and all its items in one transaction, then enqueue one task per chunk.
+
+    Items arrive as a stream and go in by batches, so a huge upload never sits in memory; any
+    bad item rolls the whole job back, so nothing half-made is ever stored. The tenant's queue
+    limit is checked against what was queued when the job began: two jobs stored at once may
+    both pass it.
+    """
+    model = get_prepared(settings.model_dir, options.model)
+    spec = options.spec()
+    queued = queued_items(session, tenant)
+    job = Job(
+        tenant=tenant,
+        model=options.model,
+        params=spec.params.model_dump(),
+        prefix=spec.prefix or None,
+        chat=spec.chat,
+        choices=spec.choices,
+        json_schema=spec.json_schema,
+        template=template,
+        meta=options.metadata,
+        callback_url=str(options.callback_url) if options.callback_url else None,
+        idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    # With a key, the row goes in first: a concurrent retry waits here on the unique key.
+    session.flush()
+    size, total = settings.chunk_size, 0
+    iterator = iter(items)
+    while batch := list(islice(iterator, INSERT_BATCH)):
+        if total + len(batch) > settings.max_items:
+            raise InvalidRequest(
+                [FieldError("file", f"more rows than the limit of {settings.max_items}")]
+            )
+        if queued + total + len(batch) > settings.max_queued_items:
+            raise TooManyQueued(queued, settings.max_queued_items)
+        _check_prompt_chars(batch, settings.max_prompt_chars)
+        if check_context:
+            _check_context(model, options, batch)
+        insert_items(session, job.id, batch, total, size)
+        total += len(batch)
+    if total == 0:
+        raise InvalidRequest([FieldError("file", "holds no rows")])
+    job.total = total
+    job.columns = list(columns) if columns is not None else None
+    session.commit()
+    sizes = [min(size, total - start) for start in range(0, total, size)]
+    try:
+        enqueue_chunks(job.id, job.model, list(enumerate(sizes)), priority)
+    except Exception as exc:  # kombu raises several kinds for an unreachable broker
+        # Nothing half-done stays behind: the job is removed and the caller may simply retry.
+        log.error("broker unreachable, dropping job %s: %s", job.id, exc)
+        session.execute(delete(Job).where(Job.id == job.id))
+        session.commit()
+        raise ServiceUnavailable(
+            f"the job queue is unreachable ({exc}); nothing was stored"
+        ) from exc
+    job.dispatched_at = utcnow()
+    session.commit()
+    log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
+    return job
+
+
+# Item columns written at submission; the last three hold JSON.
+ITEM_COLUMNS = (
+    "job_id", "index", "chunk", "custom_id", "prompt", "status", "attempts",
+    "messages", "fields", "params",
+)  # fmt: skip
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def insert_items(
+    session: Session, job_id: str, batch: list[NewItem], first: int, size: int
+) -> None:
+    """Insert a batch of items; on PostgreSQL with COPY, several times faster than INSERTs."""
+    pending = ItemStatus.PENDING.value
+    rows = [
+        (job_id, index, index // size, item.custom_id, item.prompt, pending, 0)
+        + (item.messages, item.fields, item.params)
+        for index, item in enumerate(batch, start=first)
+    ]
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        session.execute(insert(Item), [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows])
+        return
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    columns = ", ".join(f'"{name}"' for name in ITEM_COLUMNS)
+    with cursor.copy(f"COPY items ({columns}) FROM STDIN") as copy:
+        for *plain, messages, fields, params in rows:
+            copy.write_row((*plain, _json(messages), _json(fields), _json(params)))
+
+
+def find_submission(session: Session, tenant: str, idempotency_key: str) -> Job | None:
+    """The tenant's job first submitted with this Idempotency-Key, if any."""
+    return session.scalar(
+        select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key)
+    )
+
+
+def get_job(session: Session, job_id: str, tenant: str) -> Job:
+    # Another tenant's job is answered exactly as a missing one, so ids cannot be probed.
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+    if job is None:
+        raise NotFound(f"no job '{job_id}'", "job_id")
+    return job
+
+
+def label_counts(session: Session, job_id: str, tenant: str) -> dict[str, int]:
+    job = get_job(session, job_id, tenant)
+    counted = session.execute(
+        select(Item.label, func.count())
+        .where(Item.job_id == job.id, Item.label.is_not(None))
+        .group_by(Item.label)
+    ).all()
+    found = {label: count for label, count in counted}
+    # In the job's own order, every choice shown even before it is given once.
+    return {choice: found.get(choice, 0) for choice in job.choices or sorted(found)}
+
+
+def cancel_job(session: Session, job_id: str, tenant: str) -> Job:
+    """Stop a job: pending items are cancelled, finished ones stay downloadable."""
+    job = get_job(session, job_id, tenant)
+    # Conditional, so a job that a worker has just finished is never turned into a cancelled one.
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.not_in(FINISHED_JOB_STATES))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    ).rowcount
+    if not changed:
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(f"job '{job_id}' is already {job.status}", "job_id")
+    session.execute(
+        update(Item)
+        .where(Item.job_id == job_id, Item.status == ItemStatus.PENDING)
+        .values(status=ItemStatus.CANCELLED)
+    )
+    session.commit()
+    session.refresh(job)
+    return job

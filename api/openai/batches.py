@@ -1,0 +1,266 @@
+"""OpenAI-style batches: a batch file becomes a job; its lifecycle is read off the job.
+
+validating (inside the create call) -> in_progress -> finalizing -> completed; failed when the
+file cannot be used; cancelling -> cancelled; expired past the completion window. The output
+and error files are written once, by whichever read first sees the job finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.jobs import service as jobs
+from api.jobs.schemas import JobOptions
+from api.jobs.service import MAX_ID, NewItem
+from api.openai import files
+from api.openai.schemas import BatchCreate, CompletionRequest, answer_body, unix
+from api.paging import item_pages
+from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
+from gemma_batch.errors import NotFound
+from gemma_batch.models.cache import get_prepared
+from gemma_batch.settings import Settings
+from gemma_batch.store.tables import Batch, Item, Job, utcnow
+
+MAX_ERRORS = 100
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def _error(line: int | None, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"code": code, "line": line, "message": message, "param": param}
+
+
+def read_requests(
+    settings: Settings, file_id: str, endpoint: str
+) -> tuple[list[tuple[str, CompletionRequest]], list[dict[str, Any]]]:
+    """Every request line of a batch file, or the problems that make the file unusable."""
+    requests: list[tuple[str, CompletionRequest]] = []
+    errors: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    model = None
+    with files.path_of(settings, file_id).open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if len(errors) >= MAX_ERRORS:
+                break
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+                if not isinstance(line, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                errors.append(_error(number, "invalid_json_line", f"line {number}: {exc}"))
+                continue
+            custom_id = line.get("custom_id")
+            if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_ID:
+                message = f"custom_id must be a string of 1 to {MAX_ID} characters"
+                errors.append(_error(number, "invalid_custom_id", message, "custom_id"))
+                continue
+            if custom_id in seen:
+                errors.append(
+                    _error(
+                        number,
+                        "duplicate_custom_id",
+                        f"custom_id '{custom_id}' repeats line {seen[custom_id]}",
+                        "custom_id",
+                    )
+                )
+                continue
+            seen[custom_id] = number
+            if line.get("method") != "POST":
+                errors.append(_error(number, "invalid_method", "method must be POST", "method"))
+                continue
+            if line.get("url") != endpoint:
+                message = f"url must be the batch's endpoint {endpoint}"
+                errors.append(_error(number, "mismatched_endpoint", message, "url"))
+                continue
+            try:
+                body = CompletionRequest.model_validate(line.get("body")).for_endpoint(endpoint)
+                body.item_params()
+            except (ValidationError, ValueError) as exc:
+                errors.append(_error(number, "invalid_request", _reason(exc), "body"))
+                continue
+            model = model or body.model
+            if body.model != model:
+                message = f"every request must use one model ({model}), not {body.model}"
+                errors.append(_error(number, "mismatched_model", message, "body.model"))
+                continue
+            requests.append((custom_id, body))
+    if not requests and not errors:
+        errors.append(_error(None, "empty_file", "the batch file holds no requests"))
+    if len(requests) > settings.max_batch_requests:
+        message = f"more than {settings.max_batch_requests} requests"
+        errors.append(_error(None, "too_many_requests", message))
+    return requests, errors
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return str(exc)
+
+
+def create_batch(session: Session, settings: Settings, body: BatchCreate, tenant: str) -> Batch:
+    """Validate the input file and start its job; an unusable file gives a failed batch."""
+    files.get_file(session, body.input_file_id, tenant)
+    now = utcnow()
+    batch = Batch(
+        tenant=tenant,
+        endpoint=body.endpoint,
+        input_file_id=body.input_file_id,
+        completion_window=body.completion_window,
+        status="validating",
+        meta=body.metadata,
+        created_at=now,
+        expires_at=now + timedelta(hours=24),
+    )
+    requests, errors = read_requests(settings, body.input_file_id, body.endpoint)
+    if requests and not errors:
+        model = requests[0][1].model
+        try:
+            get_prepared(settings.model_dir, model)
+        except Exception as exc:  # unknown or unprepared: the model cannot serve this batch
+            errors.append(_error(1, "model_not_found", str(exc), "body.model"))
+    if errors:
+        batch.status, batch.errors, batch.failed_at = "failed", errors, now
+        session.add(batch)
+        session.commit()
+        return batch
+    model = requests[0][1].model
+    chat = body.endpoint == "/v1/chat/completions"
+    items = (
+        NewItem(
+            f"line {index + 1}",
+            custom_id,
+            prompt=None if chat else request.prompt,
+            messages=request.chat_messages() if chat else None,
+            params=request.item_params(),
+        )
+        for index, (custom_id, request) in enumerate(requests)
+    )
+    options = JobOptions(model=model, metadata={"batch": "yes"})
+    # Too-long requests are answered in the error file at run time, not refused here.
+    job = jobs.store_job(session, options, items, settings, tenant, check_context=False)
+    batch.job_id, batch.model, batch.total = job.id, model, job.total
+    batch.status, batch.in_progress_at = "in_progress", utcnow()
+    session.add(batch)
+    session.commit()
+    return batch
+
+
+def get_batch(session: Session, settings: Settings, batch_id: str, tenant: str) -> Batch:
+    """The batch, moved along its lifecycle as far as its job allows."""
+    # Another tenant's batch is answered exactly as a missing one.
+    batch = session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant == tenant))
+    if batch is None:
+        raise NotFound(f"no batch '{batch_id}'", "batch_id")
+    if batch.status not in ("in_progress", "cancelling") or batch.job_id is None:
+        return batch
+    job = jobs.get_job(session, batch.job_id, tenant)
+    now = utcnow()
+    expires = (
+        batch.expires_at if batch.expires_at.tzinfo else batch.expires_at.replace(tzinfo=now.tzinfo)
+    )
+    if batch.status == "in_progress" and now > expires and job.status in OPEN_JOB_STATES:
+        jobs.cancel_job(session, job.id, tenant)
+        _finalize(session, settings, batch, job, "expired")
+    elif job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        _finalize(session, settings, batch, job, "completed")
+    elif job.status == JobStatus.CANCELLED:
+        _finalize(
+            session,
+            settings,
+            batch,
+            job,
+            "expired" if batch.status == "in_progress" else "cancelled",
+        )
+    session.refresh(batch)
+    return batch
+
+
+def cancel_batch(session: Session, settings: Settings, batch_id: str, tenant: str) -> Batch:
+    """Stop the batch: queued requests are dropped, finished answers kept for the output file."""
+    batch = get_batch(session, settings, batch_id, tenant)
+    if batch.status == "in_progress" and batch.job_id:
+        jobs.cancel_job(session, batch.job_id, tenant)
+        batch.status, batch.cancelling_at = "cancelling", utcnow()
+        session.commit()
+    return batch
+
+
+def counts(session: Session, batch: Batch) -> tuple[int, int]:
+    if batch.job_id is None:
+        return 0, 0
+    job = session.get(Job, batch.job_id)
+    return (job.completed, job.failed) if job else (0, 0)
+
+
+def _finalize(session: Session, settings: Settings, batch: Batch, job: Job, final: str) -> None:
+    # Only one reader wins the move to finalizing, so the files are written once.
+    previous = batch.status
+    won = session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id, Batch.status == previous)
+        .values(status="finalizing", finalizing_at=utcnow())
+    ).rowcount
+    session.commit()
+    if not won:
+        return
+    created = unix(batch.created_at) or 0
+    written = {}
+    try:
+        for kind, ok in (("output", True), ("error", False)):
+            lines = _lines(batch, job, created, ok=ok, final=final)
+            name = f"{batch.id}_{kind}.jsonl"
+            record = files.save_blocks(session, settings, lines, name, "batch_output", batch.tenant)
+            if record.bytes:
+                written[f"{kind}_file_id"] = record.id
+            else:  # OpenAI leaves the id empty where there is nothing to report
+                files.delete_file(session, settings, record.id, batch.tenant)
+    except BaseException:
+        # Hand the batch back, so the next read finalizes it again.
+        session.rollback()
+        session.execute(update(Batch).where(Batch.id == batch.id).values(status=previous))
+        session.commit()
+        raise
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch.id)
+        .values(status=final, **written, **{f"{final}_at": utcnow()})
+    )
+    session.commit()
+
+
+def _lines(batch: Batch, job: Job, created: int, ok: bool, final: str) -> Iterator[bytes]:
+    """Output lines (answers) or error lines (failures, and what an expiry left undone)."""
+    wanted = [ItemStatus.COMPLETED] if ok else [ItemStatus.FAILED]
+    if not ok and final == "expired":
+        wanted += [ItemStatus.CANCELLED, ItemStatus.PENDING]
+    for items in item_pages(job.id, wanted):
+        yield "".join(json.dumps(_line(batch, item, created)) + "\n" for item in items).encode()
+
+
+def _line(batch: Batch, item: Item, created: int) -> dict[str, Any]:
+    line_id = f"batch_req_{item.job_id}_{item.index}"
+    if item.status == ItemStatus.COMPLETED:
+        body = answer_body(item, batch.model or "", batch.endpoint, created)
+        response = {
+            "status_code": 200,
+            "request_id": f"req_{item.job_id}_{item.index}",
+            "body": body,
+        }
+        return {"id": line_id, "custom_id": item.custom_id, "response": response, "error": None}
+    if item.status == ItemStatus.FAILED:
+        code = "context_length_exceeded" if "context" in (item.error or "") else "generation_failed"
+        error = {"code": code, "message": item.error}
+    else:
+        error = {"code": "batch_expired", "message": "the batch expired before this request ran"}
+    return {"id": line_id, "custom_id": item.custom_id, "response": None, "error": error}

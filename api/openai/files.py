@@ -1,0 +1,97 @@
+"""Files for the OpenAI-compatible API: rows in SQL, bytes in the files folder, streamed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gemma_batch.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge
+from gemma_batch.settings import Settings
+from gemma_batch.store.tables import File
+
+COPY_BLOCK = 1 << 20
+
+
+def path_of(settings: Settings, file_id: str) -> Path:
+    return settings.files_dir / file_id
+
+
+def save_upload(
+    session: Session,
+    settings: Settings,
+    upload: IO[bytes],
+    filename: str,
+    purpose: str,
+    tenant: str,
+) -> File:
+    """Copy an upload into the files folder block by block, then record it."""
+    if purpose not in ("batch", "batch_output"):
+        raise InvalidRequest([FieldError("purpose", "only 'batch' files are supported")])
+    blocks = iter(lambda: upload.read(COPY_BLOCK), b"")
+    return save_blocks(session, settings, blocks, filename, purpose, tenant)
+
+
+def save_blocks(
+    session: Session,
+    settings: Settings,
+    blocks: Iterable[bytes],
+    filename: str,
+    purpose: str,
+    tenant: str,
+) -> File:
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    record = File(tenant=tenant, purpose=purpose, filename=filename[-256:], bytes=0)
+    session.add(record)
+    session.flush()
+    target = path_of(settings, record.id)
+    partial = target.with_suffix(".part")
+    size = 0
+    try:
+        with partial.open("wb") as out:
+            for block in blocks:
+                size += len(block)
+                # The limit is for what callers upload; results are as large as they are.
+                if purpose == "batch" and size > settings.max_file_bytes:
+                    raise PayloadTooLarge(
+                        f"the file is larger than {settings.max_file_bytes} bytes"
+                    )
+                out.write(block)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        session.rollback()
+        raise
+    record.bytes = size
+    session.commit()
+    return record
+
+
+def get_file(session: Session, file_id: str, tenant: str) -> File:
+    # Another tenant's file is answered exactly as a missing one.
+    record = session.scalar(select(File).where(File.id == file_id, File.tenant == tenant))
+    if record is None:
+        raise NotFound(f"no file '{file_id}'", "file_id")
+    return record
+
+
+def list_files(
+    session: Session, tenant: str, purpose: str | None, limit: int, after: str | None
+) -> list[File]:
+    query = select(File).where(File.tenant == tenant).order_by(File.id.desc()).limit(limit)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        query = query.where(File.id < after)
+    return list(session.scalars(query))
+
+
+def delete_file(session: Session, settings: Settings, file_id: str, tenant: str) -> None:
+    record = get_file(session, file_id, tenant)
+    session.delete(record)
+    session.commit()
+    path_of(settings, file_id).unlink(missing_ok=True)

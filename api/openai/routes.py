@@ -1,0 +1,151 @@
+"""The OpenAI-compatible routes: /v1/files, /v1/batches, chat and text completions, models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.openai import batches, files
+from api.openai.completions import complete
+from api.openai.schemas import BatchCreate, BatchObject, CompletionRequest, FileObject
+from api.paging import newest_first
+from gemma_batch.models.cache import prepared_names
+from gemma_batch.store.tables import Batch, File
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+# --- Files: batch input and output files ---------------------------------------------------
+
+
+@router.post("/files")
+async def upload_file(
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+) -> FileObject:
+    """Store a file (streamed to the files folder, never held whole in memory)."""
+    name = file.filename or "upload.jsonl"
+    record = await run_in_threadpool(
+        files.save_upload, session, settings, file.file, name, purpose, tenant
+    )
+    return FileObject.of(record)
+
+
+@router.get("/files")
+def list_files(
+    session: SessionDep,
+    tenant: TenantDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: str | None = None,
+) -> dict[str, Any]:
+    where = [File.purpose == purpose] if purpose else []
+    found, has_more = newest_first(session, File, tenant, limit, after, where)
+    data = [FileObject.of(record) for record in found]
+    return {"object": "list", "data": data, "has_more": has_more}
+
+
+@router.get("/files/{file_id}")
+def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
+    return FileObject.of(files.get_file(session, file_id, tenant))
+
+
+@router.get("/files/{file_id}/content", response_class=FileResponse)
+def file_content(
+    file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> FileResponse:
+    record = files.get_file(session, file_id, tenant)
+    return FileResponse(files.path_of(settings, file_id), filename=record.filename)
+
+
+@router.delete("/files/{file_id}")
+def delete_file(
+    file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    files.delete_file(session, settings, file_id, tenant)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# --- Batches: each batch a job underneath --------------------------------------------------
+
+
+def _batch_object(session: SessionDep, batch: Batch) -> BatchObject:
+    completed, failed = batches.counts(session, batch)
+    return BatchObject.of(batch, completed, failed)
+
+
+@router.post("/batches")
+async def create_batch(
+    body: BatchCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> BatchObject:
+    """Validate the input file and queue its requests; an unusable file gives a failed batch."""
+    batch = await run_in_threadpool(batches.create_batch, session, settings, body, tenant)
+    return _batch_object(session, batch)
+
+
+@router.get("/batches")
+def list_batches(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: str | None = None,
+) -> dict[str, Any]:
+    found, has_more = newest_first(session, Batch, tenant, limit, after)
+    data = [
+        _batch_object(session, batches.get_batch(session, settings, b.id, tenant)) for b in found
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+        "has_more": has_more,
+    }
+
+
+@router.get("/batches/{batch_id}")
+def get_batch(
+    batch_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> BatchObject:
+    return _batch_object(session, batches.get_batch(session, settings, batch_id, tenant))
+
+
+@router.post("/batches/{batch_id}/cancel")
+def cancel_batch(
+    batch_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> BatchObject:
+    return _batch_object(session, batches.cancel_batch(session, settings, batch_id, tenant))
+
+
+# --- Completions and models ----------------------------------------------------------------
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """Answered by the workers through the job queue, ahead of batch work."""
+    return await complete(body, "/v1/chat/completions", settings, tenant)
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+) -> dict[str, Any]:
+    return await complete(body, "/v1/completions", settings, tenant)
+
+
+@router.get("/models")
+def models(settings: SettingsDep) -> dict[str, Any]:
+    """The models prepared here, which the workers can serve."""
+    names = prepared_names(settings.model_dir)
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "gemma-batch"} for n in names]
+    return {"object": "list", "data": data}

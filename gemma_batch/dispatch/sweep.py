@@ -1,0 +1,129 @@
+"""Re-enqueue chunks whose task was lost. SQL is the truth; Redis is only the transport.
+
+A chunk is stranded when it still has pending items that no live worker leases while no message
+for it waits in its queue. That happens when Redis restarts without its data, when a worker
+dies past redelivery (a lost machine: Redis would hand its unacknowledged chunk out again only
+after the visibility timeout, an hour by default), or when an API process stops between storing
+a job and enqueueing it. Sending a chunk twice is harmless (leases and pending-only writes see
+to that), so the sweep need not be exact, only eventually complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections import defaultdict
+from datetime import timedelta
+
+import redis
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from gemma_batch.dispatch.queues import RUN_CHUNK, enqueue_chunks, queue_name
+from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus
+from gemma_batch.settings import Settings
+from gemma_batch.store.claims import lease_free
+from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Item, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+LOCK = "gemma-batch:reconciler"
+# A job whose enqueueing never finished (its API stopped) is swept after this many graces:
+# a huge upload may still be sending its chunks well after the job was created.
+UNDISPATCHED_GRACES = 10
+
+
+def _chunk_of(message: dict) -> tuple[str, int] | None:  # type: ignore[type-arg]
+    if message.get("headers", {}).get("task") != RUN_CHUNK:
+        return None
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    job_id, chunk, _size = json.loads(body)[0]
+    return job_id, chunk
+
+
+def chunks_in_broker(client: redis.Redis, models: set[str]) -> set[tuple[str, int]]:
+    """(job, chunk) of every task message waiting in these models' queues."""
+    raw: list[bytes] = []
+    for model in models:
+        # kombu keeps one list per priority step, named after the queue.
+        for key in client.scan_iter(match=f"{queue_name(model)}*", _type="list"):
+            raw.extend(client.lrange(key, 0, -1))
+    # Delivered, unacknowledged messages are not counted: a worker that holds one and lives has
+    # leased the chunk's items, so only a dead one's chunk can look stranded.
+    messages = [json.loads(payload) for payload in raw]
+    return {chunk for message in messages if (chunk := _chunk_of(message)) is not None}
+
+
+def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, int]]:
+    """Pending, unleased items by (job, model) and chunk, of jobs dispatched over `grace` ago."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=grace)
+    settled = or_(
+        Job.dispatched_at < cutoff,
+        and_(
+            Job.dispatched_at.is_(None),
+            Job.created_at < now - timedelta(seconds=grace * UNDISPATCHED_GRACES),
+        ),
+    )
+    rows = session.execute(
+        select(Item.job_id, Job.model, Item.chunk, func.count())
+        .join(Job, Job.id == Item.job_id)
+        .where(
+            Job.status.in_(OPEN_JOB_STATES),
+            settled,
+            Item.status == ItemStatus.PENDING,
+            lease_free(now),
+        )
+        .group_by(Item.job_id, Job.model, Item.chunk)
+    ).all()
+    found: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for job_id, model, chunk, count in rows:
+        found[(job_id, model)][chunk] = count
+    return found
+
+
+def sweep(client: redis.Redis, grace: float) -> int:
+    """Send again every stranded chunk with no message in the broker; how many were sent."""
+    with session_scope() as session:
+        lost = stranded(session, grace)
+        if not lost:
+            return 0
+        queued = chunks_in_broker(client, {model for _, model in lost})
+        sent = 0
+        for (job_id, model), chunks in lost.items():
+            missing = sorted((c, n) for c, n in chunks.items() if (job_id, c) not in queued)
+            if not missing:
+                continue
+            log.warning("job %s: re-enqueueing %s chunks whose task was lost", job_id, len(missing))
+            enqueue_chunks(job_id, model, missing)
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.dispatched_at.is_(None))
+                .values(dispatched_at=utcnow())
+            )
+            sent += len(missing)
+        session.commit()
+    return sent
+
+
+def reconcile(settings: Settings) -> int:
+    """One sweep, unless another API process holds this interval's lock."""
+    client = redis.Redis.from_url(settings.broker_url)
+    if not client.set(LOCK, "1", nx=True, ex=max(1, int(settings.reconcile_interval))):
+        return 0
+    return sweep(client, settings.reconcile_grace)
+
+
+async def reconcile_forever(settings: Settings) -> None:
+    """The sweep loop (the API runs it beside the webhooks)."""
+    while True:
+        await asyncio.sleep(settings.reconcile_interval)
+        try:
+            await asyncio.to_thread(reconcile, settings)
+        except Exception:  # Redis or the database down: the next sweep tries again
+            log.exception("reconcile sweep failed")

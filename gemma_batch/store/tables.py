@@ -1,0 +1,218 @@
+"""The SQL tables, shared by the API and the workers. SQL is the source of truth."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from gemma_batch.domain.records import ItemStatus, JobStatus
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A stored moment with its time zone: SQLite hands back naive datetimes, all of them UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def new_id(prefix: str) -> str:
+    # Time first, so ids sort by creation and serve as listing cursors.
+    return f"{prefix}{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
+def new_job_id() -> str:
+    return new_id("job_")
+
+
+# Rows made before tenants existed, and every request while auth is off, belong to this one.
+DEFAULT_TENANT = "default"
+
+
+def tenant_column() -> Mapped[str]:
+    """Who owns the row: every read and list filters on it, so another tenant sees a 404."""
+    return mapped_column(String(64), index=True, server_default=DEFAULT_TENANT)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        list[dict[str, Any]]: JSON,
+        list[str]: JSON,
+        dict[str, float]: JSON,
+    }
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # A retried submission with the same Idempotency-Key finds its tenant's first job.
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
+    tenant: Mapped[str] = tenant_column()
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    # How each item becomes a prompt, and what is asked of the model (see JobSpec).
+    template: Mapped[str | None] = mapped_column(Text)
+    prefix: Mapped[str | None] = mapped_column(Text)
+    chat: Mapped[bool] = mapped_column(default=False, server_default=false())
+    choices: Mapped[list[str] | None] = mapped_column(JSON)
+    json_schema: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The uploaded file's field names in order, so exports keep the caller's columns.
+    columns: Mapped[list[str] | None] = mapped_column(JSON)
+    # "metadata" is reserved on declarative classes, hence the attribute name.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    # Where to POST the signed job summary once the job is over, and how that went.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_error: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # Set once every chunk is enqueued; the reconciler leaves jobs alone until then.
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    items: Mapped[list[Item]] = relationship(back_populates="job", passive_deletes=True)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        # One row per (job, index): a repeated write can never duplicate a result.
+        UniqueConstraint("job_id", "index", name="uq_items_job_id_index"),
+        Index("ix_items_job_id_chunk", "job_id", "chunk"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    chunk: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(256))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    fields: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Per-item generation settings over the job's (OpenAI batch lines each carry their own).
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING)
+    output: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(Text)
+    label_probs: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    # Runs this item started; one that keeps killing its worker is failed (worker.chunk).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: which worker process holds the item, and until when unless it renews.
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="items")
+
+
+class File(Base):
+    """An uploaded or generated file (OpenAI Files API); the bytes live in the files folder."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file-"))
+    tenant: Mapped[str] = tenant_column()
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(256))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Batch(Base):
+    """An OpenAI-style batch: a job underneath, with OpenAI's lifecycle on top."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("batch_"))
+    tenant: Mapped[str] = tenant_column()
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    model: Mapped[str | None] = mapped_column(String(200))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Tenant(Base):
+    """Who owns jobs, files and batches; API keys are issued to a tenant."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Kept as given, not hashed: it keys the HMAC on this tenant's job webhooks.
+    webhook_secret: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """One API key: only its SHA-256 is stored; `id` is the key's public, non-secret part."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.name"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,92 @@
+"""Load a prepared Gemma model with the chosen quantization onto the chosen device."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def gpu_memory_bytes() -> int | None:
+    """GPU memory torch holds in this process; None without CUDA."""
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+
+
+def bf16_bytes(path: Path) -> int:
+    """Size of a prepared model's weights in bf16, read from the safetensors headers alone."""
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
+    return total * 2
+
+
+def resolve_quantization(quantization: str, device: str, path: Path) -> str:
+    """What `auto` means for this model on this device (docs/benchmarks.md has the figures).
+
+    On CPUs bitsandbytes' 4-bit kernels only cost time (fp32 labels 1.8x faster than nf4 in
+    bench/w2_label). On an H200, bf16 made 5.9x the tokens/s of nf4 at batch 64 (bench/gpu), so
+    nf4 is kept for cards where the bf16 weights would take over half the memory and leave too
+    little for the KV cache.
+    """
+    if quantization != "auto":
+        return quantization
+    if device != "cuda":
+        return "none"
+    room = torch.cuda.get_device_properties(0).total_memory / 2
+    return "none" if bf16_bytes(path) <= room else "nf4"
+
+
+def _load_options(quantization: str, device: str) -> dict[str, Any]:
+    # bf16 is Gemma's reference precision on GPUs; CPUs here have no fast bf16, so fp32.
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    if quantization == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+        return {"quantization_config": config, "dtype": compute}
+    if quantization == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": compute}
+    return {"dtype": compute}
+
+
+def load_weights(path: Path, quantization: str, device: str) -> Any:
+    """The model alone, in eval mode (the GPU benchmark has weights but no tokenizer)."""
+    device = resolve_device(device)
+    quantization = resolve_quantization(quantization, device, path)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        device_map={"": device},
+        attn_implementation="sdpa",
+        **_load_options(quantization, device),
+    )
+    model.eval()
+    log.info(
+        "loaded model %s (%s, %s) in %.1fs",
+        path.name,
+        quantization,
+        device,
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def load_model(path: Path, quantization: str, device: str) -> tuple[Any, Any]:
+    """The model and its tokenizer (left padding, for batched generation)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return load_weights(path, quantization, device), tokenizer
