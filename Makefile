@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5
 
 setup:
 	scripts/bootstrap.sh demo
@@ -41,6 +41,9 @@ bench-ingest: bench-setup
 
 bench-e2e: bench-setup
 	$(PY) -m bench.e2e
+
+bench-w5: bench-setup
+	$(PY) -m bench.w5_sync
 
 bench-gpu: bench-setup
 	$(PY) -m bench.gpu --out bench-gpu.json

@@ -5,7 +5,7 @@ On the real Gemma 3 270M (fp32, the CPU default), greedy, 16 new tokens, EOS hon
 - one job of all the items through a local stack (API and one worker, SQLite, Redis), timed
   from the submit to the job's completion (the worker is warm: a first job loads the model);
 - as many one-item jobs, submitted at once from 20 threads, timed until the last completes
-  (small-job merging at work), against one job of the same items.
+  (the worker's scheduler pulls them into one batch), against one job of the same items.
 Clients poll every 0.5 s (half the client's default): more often would take CPU from the worker
 on a small machine, less often would add waiting to the timings.
 
@@ -15,14 +15,11 @@ on a small machine, less often would add waiting to the timings.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from bench.common import Row, model_path, print_table, timed
+from bench.common import Row, model_path, print_table, timed, use_private_store
 from bench.prompts import prompts
 from gemma_batch.client import Client
 from gemma_batch.domain.params import GenerationParams, JobSpec
@@ -52,22 +49,11 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="gemma-batch-e2e-"))
-    # A store and a queue of the benchmark's own, so no other worker takes its tasks.
-    os.environ |= {
-        "GEMMA_BATCH_DATA_DIR": str(folder),
-        "GEMMA_BATCH_BROKER_URL": "redis://127.0.0.1:6379/10",
-        "GEMMA_BATCH_MODEL": MODEL,
-        "GEMMA_BATCH_QUANTIZATION": "none",
-        "GEMMA_BATCH_WORKER_METRICS_PORT": "0",
-    }
-    get_settings.cache_clear()
-    from gemma_batch.cli.admin import db_upgrade
+    folder = use_private_store(MODEL)
     from gemma_batch.cli.stack import LocalStack
     from worker.engine.engine import Engine
     from worker.engine.loader import load_model
 
-    db_upgrade()
     torch.set_num_threads(2)
     texts = prompts(args.items)
     rows: list[Row] = []

@@ -1,10 +1,12 @@
 """GPU figures on gemma-2b and gemma-7b shapes with random weights (a GPU box may have no hub).
 
-For each model and precision, through the engine's decoding path (worker.engine.decoding):
-- decode step time at batch 1, eager with a dynamic cache and with the static cache that
-  transformers compiles on CUDA, against the HBM roofline (weight bytes / measured copy
-  bandwidth: at batch 1 every step reads every weight once);
-- output tokens/s at batch 1 to 256 (64-token prompts, 128 new tokens, EOS ignored).
+For each model and precision, side by side:
+- `batcher`: the worker's own continuous batcher (worker.engine.batcher), all rows joining at once;
+- `eager` and `static`: transformers' `generate` with a dynamic cache, and with the static cache
+  it compiles on CUDA (torch.compile, CUDA graphs), rows padded to a few fixed shapes;
+decode step time at batch 1 against the HBM roofline (weight bytes / measured copy bandwidth: at
+batch 1 every step reads every weight once), and output tokens/s at batch 1 to 256 (64-token
+prompts, 128 new tokens, EOS ignored).
 NF4 goes through the worker's own loader (bitsandbytes) from a saved copy of the bf16 weights.
 
     python -m bench.gpu [--archs gemma-2b,gemma-7b] [--budget SECONDS] [--out FILE]
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from worker.engine import decoding
+from worker.engine.batcher import Batcher, Row
 from worker.engine.loader import load_weights
 
 ARCHS: dict[str, dict[str, int]] = {
@@ -97,27 +99,60 @@ def weight_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def timed(model: Any, rows: int, new: int, static: bool) -> float:
-    ids = torch.randint(10, 250000, (rows, PROMPT), device=model.device)
+ROW_BUCKETS = (1, 8, 32, 64, 128, 256)
+LENGTH_BUCKETS = (256, 1024, 4096, 8192)
+
+
+def generate(model: Any, ids: torch.Tensor, new: int, static: bool) -> torch.Tensor:
+    """transformers' `generate`; with `static`, rows and cache padded to a fixed shape, so the
+    graphs compiled for one batch are reused by the next."""
+    rows, width = ids.shape
     mask = torch.ones_like(ids)
+    kwargs: dict[str, Any] = {}
+    if static:
+        padded = next(b for b in ROW_BUCKETS if b >= rows)
+        ids = torch.cat([ids, ids[:1].expand(padded - rows, -1)])
+        mask = torch.ones_like(ids)
+        cache = next(b for b in LENGTH_BUCKETS if b >= width + new)
+        kwargs = {"cache_implementation": "static", "max_cache_len": cache}
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+        do_sample=False, **kwargs,
+    )  # fmt: skip
+    return out[:rows, width:]
+
+
+def batched(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """The worker's continuous batcher, every row joining at once and running its budget."""
+    batcher = Batcher(model, [], 10**9, ids.shape[0], lambda tokens: "")
+    done = batcher.admit([Row(key=i, ids=row, budget=new) for i, row in enumerate(ids.tolist())])
+    while batcher.rows:
+        done += batcher.step()
+    return torch.tensor([row.tokens for row in done])
+
+
+def timed(model: Any, rows: int, new: int, mode: str) -> float:
+    ids = torch.randint(10, 250000, (rows, PROMPT), device=model.device)
     sync()
     started = time.perf_counter()
     with torch.inference_mode():
-        out = decoding.generate(
-            model, ids, mask, [new] * rows, static, do_sample=False, min_new_tokens=new
-        )
+        if mode == "batcher":
+            out = batched(model, ids, new)
+        else:
+            out = generate(model, ids, new, static=mode == "static")
     sync()
     assert out.shape == (rows, new)
     return time.perf_counter() - started
 
 
-def measure(model: Any, rows: int, static: bool) -> dict[str, float]:
+def measure(model: Any, rows: int, mode: str) -> dict[str, Any]:
     """Output tokens/s of a whole batch and the time of one decoding step (prefill taken off)."""
-    timed(model, rows, NEW, static)  # compiles or captures this shape
-    timed(model, rows, 1, static)
-    whole = min(timed(model, rows, NEW, static) for _ in range(2))
-    prefill = min(timed(model, rows, 1, static) for _ in range(2))
+    timed(model, rows, NEW, mode)  # compiles or captures this shape
+    timed(model, rows, 1, mode)
+    whole = min(timed(model, rows, NEW, mode) for _ in range(2))
+    prefill = min(timed(model, rows, 1, mode) for _ in range(2))
     return {
+        "mode": mode,
         "rows": rows,
         "tok_s": rows * NEW / whole,
         "step_ms": 1000 * (whole - prefill) / (NEW - 1),
@@ -145,11 +180,10 @@ def run_model(
     roofline = bandwidth / size
     common = {"model": name, "precision": precision, "weights_gb": round(size / 1e9, 2)}
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for static in (False, True):
-        one = measure(model, 1, static)
+    for mode in ("batcher", "eager", "static"):
+        one = measure(model, 1, mode)
         report.add(
             **common,
-            mode="static" if static else "eager",
             **one,
             roofline_tok_s=round(roofline, 1),
             of_roofline=round(1000 / one["step_ms"] / roofline, 3),
@@ -158,7 +192,8 @@ def run_model(
         if not report.time_left():
             report.add(**common, rows=rows, skipped="time budget")
             continue
-        report.add(**common, mode="static", **measure(model, rows, True))
+        for mode in ("batcher", "static"):
+            report.add(**common, **measure(model, rows, mode))
     report.add(
         **common,
         graphs_compiled=torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles,
@@ -170,10 +205,10 @@ def profile(model: Any) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    measure(model, 1, True)  # compiled and captured first
+    measure(model, 1, "static")  # compiled and captured first
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
     with profiler(activities=activities) as prof:
-        timed(model, 1, NEW, True)
+        timed(model, 1, NEW, "static")
     averages = prof.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     print(averages.table(sort_by="self_device_time_total", row_limit=15), flush=True)

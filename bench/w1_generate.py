@@ -1,7 +1,8 @@
 """W1 generate: 64 prompts of 10-45 words, 16 new tokens each, greedy, EOS ignored.
 
 Every system does the same work (EOS is ignored, so each makes exactly 16 tokens a prompt):
-- gemma-batch's engine (length-sorted micro-batches under a token budget), fp32;
+- gemma-batch's engine (continuous batching in a slot cache), fp32;
+- transformers' continuous batching (ContinuousBatchingManager, paged attention), fp32;
 - one plain padded `generate` over all 64 prompts, fp32;
 - one `generate` per prompt, the pattern of the Gemma launch post, fp32;
 - llama.cpp (llama-cpp-python, the same GGUF, 2 threads), one prompt at a time.
@@ -15,7 +16,17 @@ import argparse
 
 import torch
 
-from bench.common import Row, console, gguf_path, model_path, print_table, timed
+from bench.common import (
+    Row,
+    console,
+    gguf_path,
+    matmul_peak,
+    model_path,
+    print_table,
+    timed,
+    transformers_cb,
+    workload_flops,
+)
 from bench.prompts import prompts
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
@@ -37,11 +48,17 @@ def main() -> None:
     rows: list[Row] = []
 
     engine = Engine(model, tokenizer, batch_tokens=16384)
-    engine.stop_ids = []  # EOS ignored: every system makes the same number of tokens
+    # EOS ignored: every system makes the same number of tokens.
+    engine.stop_ids, engine.batcher.stop_ids = [], set()
     items = [WorkItem(i, text, None) for i, text in enumerate(texts)]
     spec = JobSpec(params=GenerationParams(max_new_tokens=NEW))
     row = Row("gemma-batch engine (fp32)", args.items, tokens=tokens)
     timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
+    rows.append(row)
+
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    row = Row("transformers continuous batching (fp32)", args.items, tokens=tokens)
+    timed(row, 1, lambda: transformers_cb(model, ids, [NEW] * len(ids), -1))
     rows.append(row)
 
     @torch.inference_mode()
@@ -78,7 +95,9 @@ def main() -> None:
         row = Row("llama.cpp one at a time (2 threads)", args.items, tokens=tokens)
         timed(row, args.runs, llama)
         rows.append(row)
-    print_table(f"W1 generate: {args.items} prompts x {NEW} tokens", rows, rows[-1].name)
+    flops = workload_flops(model, [len(i) for i in ids], [NEW] * len(ids))
+    title = f"W1 generate: {args.items} prompts x {NEW} tokens"
+    print_table(title, rows, rows[-1].name, flops, matmul_peak())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """W3 mixed lengths: 256 prompts asking for 1 to 128 new tokens each, EOS honoured.
 
 Where padding-based batching wastes most: a padded batch runs until its longest request ends.
-- gemma-batch's engine: each row ends at its own budget, rows grouped by budget and length;
+- gemma-batch's engine: continuous batching, a row leaves at its own end and a waiting one
+  takes its slot;
+- transformers' continuous batching (ContinuousBatchingManager), each request its own budget;
 - plain padded `generate`, batches of 64 in submission order, each cut to its rows' budgets;
 - llama.cpp (llama-cpp-python, the same GGUF, 2 threads), one prompt at a time.
 
@@ -14,7 +16,17 @@ import argparse
 
 import torch
 
-from bench.common import Row, console, gguf_path, model_path, print_table, timed
+from bench.common import (
+    Row,
+    console,
+    gguf_path,
+    matmul_peak,
+    model_path,
+    print_table,
+    timed,
+    transformers_cb,
+    workload_flops,
+)
 from bench.prompts import lengths, prompts
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
@@ -42,6 +54,12 @@ def main() -> None:
     row = Row("gemma-batch engine (fp32)", args.items)
     results = timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
     row.tokens = sum(r.completion_tokens or 0 for r in results)  # type: ignore[union-attr]
+    rows.append(row)
+    made = {r.index: r.completion_tokens or 0 for r in results}  # type: ignore[union-attr]
+
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    row = Row("transformers continuous batching (fp32)", args.items)
+    row.tokens = timed(row, 1, lambda: transformers_cb(model, ids, budgets, tokenizer.eos_token_id))  # type: ignore[assignment]
     rows.append(row)
 
     @torch.inference_mode()
@@ -84,7 +102,9 @@ def main() -> None:
     print_table(
         f"W3 mixed lengths: {args.items} prompts, 1-128 new tokens, EOS honoured",
         rows,
-        rows[1].name,
+        rows[2].name,
+        workload_flops(model, [len(i) for i in ids], [made[i] for i in range(len(ids))]),
+        matmul_peak(),
     )
 
 

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     static_cache: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Static KV cache in a few fixed batch shapes, which transformers compiles "
-        "(torch.compile) on CUDA; auto = on with CUDA.",
+        description="Accepted for compatibility; the continuous batcher has no captured-graph "
+        "decode step yet, so it changes nothing (README, Models).",
     )
     auth: bool = Field(
         True,
@@ -65,11 +65,13 @@ class Settings(BaseSettings):
     flower_auth: SecretStr | None = Field(None, description="`user:password` for Flower.")
 
     batch_tokens: int = Field(
-        16384, ge=64, description="Token budget of one micro-batch (rows x (prompt + new tokens))."
+        16384,
+        ge=64,
+        description="Token budget of the running batch (rows x (widest prompt + new tokens)).",
     )
     chunk_size: int = Field(64, ge=1, le=10_000, description="Items per queued task.")
     merge_items: int = Field(
-        64, ge=0, description="A chunk smaller than this is topped up with like jobs' items."
+        64, ge=0, description="Most items the scheduler pulls from SQL at once beyond deliveries."
     )
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted JSON body.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted file upload.")

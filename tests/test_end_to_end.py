@@ -63,6 +63,22 @@ def test_fifty_items_complete_with_outputs_and_counts(stack: LocalStack) -> None
     assert all(row.attempts == 1 and row.worker and row.worker.startswith("cpu@") for row in rows)
 
 
+def test_a_seeded_sample_is_the_same_in_a_batch_or_alone(stack: LocalStack) -> None:
+    params = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.95, "seed": 1234}
+    client = stack.client()
+    batched = client.submit(TINY, _prompts(12), params)
+    assert batched.wait(poll=0.3).status == "completed"
+    together = {line["index"]: line["output"] for line in batched.results()}
+    for index in (0, 5, 11):
+        alone = client.submit(TINY, [_prompts(12)[index]], params)
+        assert alone.wait(poll=0.3).status == "completed"
+        (line,) = list(alone.results())
+        assert line["output"] == together[index]
+    other = client.submit(TINY, _prompts(12), params | {"seed": 4321})
+    other.wait(poll=0.3)
+    assert [line["output"] for line in other.results()] != [together[i] for i in range(12)]
+
+
 def test_model_is_loaded_once_for_many_tasks(stack: LocalStack) -> None:
     stack.client().submit(TINY, _prompts(20), {"max_new_tokens": 2}).wait(poll=0.3)
     log = stack.log("worker")

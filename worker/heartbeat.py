@@ -55,24 +55,28 @@ def with_db_retries(work: Callable[[Session], T]) -> T:
 
 
 class Heartbeat:
-    """Renews the lease on a delivery's items from a thread for as long as they run.
+    """Renews the lease on the items a worker holds, from a thread, for as long as it holds them.
 
     Leases are short so that a dead worker's items come back soon; a live worker keeps its own
-    however long a micro-batch takes (torch releases the GIL while it computes).
+    however long they take (torch releases the GIL while it computes). `held` says which items
+    those are at each beat.
     """
 
-    def __init__(self, item_ids: list[int], worker: str, lease_seconds: float) -> None:
-        self.item_ids, self.worker, self.lease_seconds = item_ids, worker, lease_seconds
+    def __init__(self, held: Callable[[], list[int]], worker: str, lease_seconds: float) -> None:
+        self.held, self.worker, self.lease_seconds = held, worker, lease_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
+            item_ids = self.held()
+            if not item_ids:
+                continue
             try:
                 with session_scope() as session:
-                    renew_leases(session, self.item_ids, self.worker, self.lease_seconds)
+                    renew_leases(session, item_ids, self.worker, self.lease_seconds)
             except Exception as exc:  # the database may be down; the run goes on regardless
-                log.warning("could not renew the lease on %s items: %s", len(self.item_ids), exc)
+                log.warning("could not renew the lease on %s items: %s", len(item_ids), exc)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -15,7 +15,9 @@ TOKENS = Counter("gemma_batch_worker_tokens", "Tokens generated")
 ITEMS_PER_S = Gauge("gemma_batch_worker_items_per_second", "Items/s of the last micro-batch")
 TOKENS_PER_S = Gauge("gemma_batch_worker_tokens_per_second", "Tokens/s of the last micro-batch")
 BATCH_SIZE = Histogram(
-    "gemma_batch_worker_batch_size", "Rows per micro-batch", buckets=(1, 4, 16, 64, 256, 1024)
+    "gemma_batch_worker_batch_size",
+    "Rows per forward pass (a prefill of joining rows, or a decode step of the running ones)",
+    buckets=(1, 4, 16, 64, 256, 1024),
 )
 MODEL_LOAD = Gauge("gemma_batch_worker_model_load_seconds", "Seconds the model took to load")
 GPU_MEMORY = Gauge("gemma_batch_worker_gpu_memory_bytes", "GPU memory allocated by torch")
@@ -33,13 +35,17 @@ def serve(port: int) -> None:
     log.info("worker metrics on port %s", port)
 
 
+def forward(rows: int) -> None:
+    """Count one forward pass of `rows` rows."""
+    BATCH_SIZE.observe(rows)
+
+
 def observe(results: list[ItemResult], seconds: float) -> None:
-    """Count one micro-batch's results."""
+    """Count the results of one step (or label micro-batch) that took `seconds`."""
     tokens = sum(r.completion_tokens or 0 for r in results)
     for result in results:
         ITEMS.labels("failed" if result.error else "completed").inc()
     TOKENS.inc(tokens)
-    BATCH_SIZE.observe(len(results))
     if seconds > 0:
         ITEMS_PER_S.set(len(results) / seconds)
         TOKENS_PER_S.set(tokens / seconds)

@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 from api.jobs.ingest import detect_format, iter_rows
 from api.jobs.schemas import FileJob, JobCreate, JobOptions
 from api.jobs.templates import Template
-from gemma_batch.dispatch.queues import BATCH_PRIORITY, enqueue_chunks
+from gemma_batch.dispatch.queues import enqueue_chunks
 from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.records import (
+    BATCH_PRIORITY,
     FINISHED_JOB_STATES,
     OPEN_JOB_STATES,
     ItemStatus,
@@ -217,6 +218,7 @@ def store_job(
         meta=options.metadata,
         callback_url=str(options.callback_url) if options.callback_url else None,
         idempotency_key=idempotency_key,
+        priority=priority,
     )
     session.add(job)
     # With a key, the row goes in first: a concurrent retry waits here on the unique key.

@@ -13,8 +13,7 @@ from api.jobs import service as jobs
 from api.jobs.schemas import JobOptions
 from api.jobs.service import NewItem
 from api.openai.schemas import CompletionRequest, answer_body
-from gemma_batch.dispatch.queues import INTERACTIVE_PRIORITY
-from gemma_batch.domain.records import ItemStatus
+from gemma_batch.domain.records import INTERACTIVE_PRIORITY, ItemStatus
 from gemma_batch.errors import AppError, FieldError, InvalidRequest
 from gemma_batch.settings import Settings
 from gemma_batch.store.sessions import session_scope

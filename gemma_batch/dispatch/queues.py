@@ -9,15 +9,12 @@ import logging
 
 from celery import Celery
 
+from gemma_batch.domain.records import BATCH_PRIORITY, INTERACTIVE_PRIORITY
 from gemma_batch.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 RUN_CHUNK = "gemma_batch.run_chunk"
-# Redis has no message priorities; kombu emulates them with one list per step, and reads the
-# lowest step first. Interactive requests (/v1/chat/completions) jump ahead of batch work.
-INTERACTIVE_PRIORITY = 0
-BATCH_PRIORITY = 6
 
 
 def queue_name(model: str) -> str:
@@ -62,6 +59,7 @@ def create_celery() -> Celery:
         task_time_limit=settings.task_time_limit,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # Redis has no message priorities; kombu emulates them with one list per step.
             "queue_order_strategy": "priority",
             "priority_steps": [INTERACTIVE_PRIORITY, 3, BATCH_PRIORITY, 9],
         },

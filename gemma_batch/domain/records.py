@@ -27,6 +27,12 @@ OPEN_JOB_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)
 FINISHED_JOB_STATES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+# A job's priority: lower goes first. Sync requests jump ahead of batch work, in the broker's
+# queues (kombu reads the lowest priority step first) and in the workers' slots.
+INTERACTIVE_PRIORITY = 0
+BATCH_PRIORITY = 6
+
+
 class ItemStatus(StrEnum):
     PENDING = "pending"
     COMPLETED = "completed"

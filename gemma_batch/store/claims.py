@@ -3,12 +3,11 @@
 Every claim is one conditional UPDATE on pending, unleased items, so of two workers racing for
 the same rows only one gets each row, and a chunk delivered twice is computed once.
 
-Small-job merging: a chunk with room left takes pending items of like small jobs into its batch.
-Many small jobs (one to ten items each) arriving together would otherwise each get a model
-batch of their own. Items are taken only if no worker has tried them yet, and only from open
-jobs of the same model whose spec is the same (so one engine batch fits them all). Their own
-chunk messages stay queued: if this worker dies, those messages bring the items back, and once
-the items are done the messages find nothing left to do.
+A worker claims the items of each chunk delivered to it, and pulls more as its batch has room:
+pending items that nobody holds, of any open job of its model, sync requests first, then the
+oldest jobs. The chunks of pulled items keep their own messages in the broker: if this worker
+dies, those messages (or the sweep) bring the items back once their leases lapse, and once the
+items are done the messages find nothing left to do.
 """
 
 from __future__ import annotations
@@ -16,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import (
     FINISHED_JOB_STATES,
+    INTERACTIVE_PRIORITY,
     OPEN_JOB_STATES,
     ItemStatus,
     JobStatus,
@@ -29,11 +29,10 @@ from gemma_batch.domain.records import (
 )
 from gemma_batch.store.tables import Item, Job, utcnow
 
-# How many open jobs are looked at for companions (oldest first).
+# How many open jobs one pull looks at, in priority order.
 JOBS_SCANNED = 200
-# Only jobs this small are merged: big jobs fill batches of their own, and a chunk (an
-# interactive request, say) never waits on a big job's items.
-SMALL_JOB = 10
+# Written out, not bound: SQLite uses the partial index of pending items only for a literal.
+PENDING = text("items.status = 'pending'")
 
 
 def job_spec(job: Job) -> JobSpec:
@@ -51,9 +50,11 @@ class Claimed:
     """An item a worker holds the lease on, with how many runs it has started before."""
 
     job_id: str
+    chunk: int
     item_id: int
     attempts: int
     item: WorkItem
+    priority: int  # the job's: sync requests' rows go first
 
 
 def lease_free(now: datetime) -> ColumnElement[bool]:
@@ -74,23 +75,28 @@ def take_leases(
         .values(worker=worker, lease_until=now + timedelta(seconds=lease_seconds))
         .returning(Item.id)
     ).all()
-    rows = session.scalars(
-        select(Item).where(Item.id.in_(ids)).order_by(Item.job_id, Item.index)
+    rows = session.execute(
+        select(Item, Job.priority)
+        .join(Job, Job.id == Item.job_id)
+        .where(Item.id.in_(ids))
+        .order_by(Item.job_id, Item.index)
     ).all()
     session.execute(
         update(Job)
-        .where(Job.id.in_({row.job_id for row in rows}), Job.status == JobStatus.QUEUED)
+        .where(Job.id.in_({row.job_id for row, _ in rows}), Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.RUNNING, started_at=now)
     )
     session.commit()
     return [
         Claimed(
             row.job_id,
+            row.chunk,
             row.id,
             row.attempts,
             WorkItem(row.index, row.prompt, row.messages, row.params),
+            priority,
         )
-        for row in rows
+        for row, priority in rows
     ]
 
 
@@ -121,6 +127,16 @@ def mark_started(session: Session, item_ids: list[int]) -> None:
     session.commit()
 
 
+def release_leases(session: Session, item_ids: list[int], worker: str) -> None:
+    """Give back items this worker holds but has not started, for any worker to take at once."""
+    session.execute(
+        update(Item)
+        .where(Item.id.in_(item_ids), Item.worker == worker, Item.status == ItemStatus.PENDING)
+        .values(lease_until=None)
+    )
+    session.commit()
+
+
 def renew_leases(session: Session, item_ids: list[int], worker: str, lease_seconds: float) -> None:
     session.execute(
         update(Item)
@@ -130,41 +146,43 @@ def renew_leases(session: Session, item_ids: list[int], worker: str, lease_secon
     session.commit()
 
 
-def claim_companions(
+def claim_next(
     session: Session,
     model: str,
-    spec: JobSpec,
-    own_job: str,
-    room: int,
     worker: str,
     lease_seconds: float,
-) -> list[Claimed]:
-    """Up to `room` untried, unleased pending items of other open jobs like this one."""
-    jobs = session.scalars(
+    limit: int,
+    interactive: bool = False,
+) -> tuple[dict[str, JobSpec], list[Claimed]]:
+    """Up to `limit` pending items that nobody holds, of the open jobs of `model` (only sync
+    requests' with `interactive`): sync requests first, then the oldest jobs, each job's items
+    in order. Also the spec of each job they belong to.
+    """
+    query = (
         select(Job)
-        .where(
-            Job.model == model,
-            Job.id != own_job,
-            Job.total <= SMALL_JOB,
-            Job.status.in_(OPEN_JOB_STATES),
-        )
-        .order_by(Job.id)
+        .where(Job.model == model, Job.status.in_(OPEN_JOB_STATES))
+        .order_by(Job.priority, Job.id)
         .limit(JOBS_SCANNED)
-    ).all()
-    alike = [job.id for job in jobs if job_spec(job) == spec]
-    if not alike or room <= 0:
-        return []
-    # Only untried items: one that was in a batch that killed its worker runs alone instead.
-    # (An item's attempts only grow under a lease, which take_leases checks again row by row.)
-    candidates = (
-        select(Item.id)
-        .where(
-            Item.job_id.in_(alike),
-            Item.status == ItemStatus.PENDING,
-            Item.attempts == 0,
-            lease_free(utcnow()),
-        )
-        .order_by(Item.job_id, Item.index)
-        .limit(room)
     )
-    return take_leases(session, [Item.id.in_(candidates.scalar_subquery())], worker, lease_seconds)
+    if interactive:
+        query = query.where(Job.priority == INTERACTIVE_PRIORITY)
+    now = utcnow()
+    specs: dict[str, JobSpec] = {}
+    candidates: list[int] = []
+    for job in session.scalars(query):
+        wanted = limit - len(candidates)
+        if wanted <= 0:
+            break
+        found = session.scalars(
+            select(Item.id)
+            .where(Item.job_id == job.id, PENDING, lease_free(now))
+            .order_by(Item.index)
+            .limit(wanted)
+        ).all()
+        if found:
+            specs[job.id] = job_spec(job)
+            candidates += found
+    if not candidates:
+        session.rollback()
+        return {}, []
+    return specs, take_leases(session, [Item.id.in_(candidates)], worker, lease_seconds)

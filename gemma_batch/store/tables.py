@@ -19,10 +19,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from gemma_batch.domain.records import ItemStatus, JobStatus
+from gemma_batch.domain.records import BATCH_PRIORITY, ItemStatus, JobStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -83,6 +84,8 @@ class Job(Base):
     tenant: Mapped[str] = tenant_column()
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    # Lower first: sync requests (/v1/chat/completions) take free slots before batch work.
+    priority: Mapped[int] = mapped_column(Integer, default=BATCH_PRIORITY, server_default=text("6"))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
@@ -120,6 +123,14 @@ class Item(Base):
         # One row per (job, index): a repeated write can never duplicate a result.
         UniqueConstraint("job_id", "index", name="uq_items_job_id_index"),
         Index("ix_items_job_id_chunk", "job_id", "chunk"),
+        # What workers pull from: a job's pending items in order, without its finished ones.
+        Index(
+            "ix_items_pending",
+            "job_id",
+            "index",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(

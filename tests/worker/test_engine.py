@@ -11,7 +11,6 @@ from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker.engine import decoding
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 
@@ -46,19 +45,22 @@ def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> No
         assert batched[item.index].completion_tokens == alone.completion_tokens
 
 
-def test_micro_batches_respect_the_token_budget(fp32: tuple[object, object]) -> None:
+def test_running_rows_respect_the_token_budget(fp32: tuple[object, object]) -> None:
     engine = Engine(*fp32, batch_tokens=120)
-    encoded = [engine.render(item) for item in _items()]
-    for row in encoded:
-        row.new_tokens = 8
-    batches = list(engine.micro_batches(encoded))
-    assert sum(len(b) for b in batches) == len(PROMPTS)
-    assert len(batches) > 1
-    for batch in batches:
-        width = max(len(row.ids) for row in batch) + 8
-        assert len(batch) == 1 or len(batch) * width <= 120
-        lengths = [len(row.ids) for row in batch]
-        assert lengths == sorted(lengths, reverse=True)
+    seen: list[tuple[int, int]] = []
+    step = engine.batcher.step
+
+    def watched() -> list[object]:
+        rows = engine.batcher.rows
+        seen.append((len(rows), max(row.length for row in rows)))
+        return step()
+
+    engine.batcher.step = watched  # type: ignore[method-assign]
+    results = _run(engine, _items(), GenerationParams(max_new_tokens=8))
+    assert sorted(results) == list(range(len(PROMPTS)))
+    assert max(rows for rows, _ in seen) > 1
+    for rows, widest in seen:
+        assert rows == 1 or rows * widest <= 120
 
 
 def test_results_carry_counts_and_finish_reasons(fp32: tuple[object, object]) -> None:
@@ -131,61 +133,88 @@ def test_rows_with_their_own_budgets_share_a_batch(fp32: tuple[object, object]) 
         for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True))
     ]
     engine = Engine(*fp32, batch_tokens=4096)
-    batches = list(engine.run(items, JobSpec(params=GenerationParams(max_new_tokens=12))))
-    assert len(batches) == 1  # one micro-batch for all five budgets
-    for result in batches[0]:
-        own = GenerationParams(max_new_tokens=budgets[result.index])
-        alone = _run(engine, [WorkItem(result.index, PROMPTS[result.index], None)], own)
-        alone = alone[result.index]
-        assert result.output == alone.output
-        assert result.completion_tokens == alone.completion_tokens <= budgets[result.index]
+    admitted: list[int] = []
+    admit = engine.batcher.admit
+
+    def watched(rows: list[object]) -> list[object]:
+        admitted.append(len(rows))
+        return admit(rows)  # type: ignore[arg-type]
+
+    engine.batcher.admit = watched  # type: ignore[method-assign]
+    results = _run(engine, items, GenerationParams(max_new_tokens=12))
+    assert admitted == [5]  # all five budgets joined one batch
+    for index, result in results.items():
+        own = GenerationParams(max_new_tokens=budgets[index])
+        alone = _run(Engine(*fp32, batch_tokens=4096), [WorkItem(index, PROMPTS[index], None)], own)
+        assert result.output == alone[index].output
+        assert result.completion_tokens == alone[index].completion_tokens <= budgets[index]
 
 
-def test_static_cache_shapes_give_the_same_tokens(fp32: tuple[object, object]) -> None:
-    # The CUDA path (static cache, rows padded to a bucket) run eagerly here: the padding rows
-    # and the bucketed cache must not change any real row's tokens, even with per-row budgets.
-    items = [
-        WorkItem(i, p, None, {"max_new_tokens": n})
-        for i, (p, n) in enumerate(zip(PROMPTS, [12, 3, 7, 12, 1], strict=True))
-    ]
-    params = GenerationParams(max_new_tokens=12)
-    plain = _run(Engine(*fp32, batch_tokens=4096), items, params)
-    static = _run(Engine(*fp32, batch_tokens=4096, static=True), items, params)
-    for index, result in plain.items():
-        assert static[index].output == result.output
-        assert static[index].completion_tokens == result.completion_tokens
-
-
-def test_static_micro_batches_stop_at_the_largest_row_bucket(
+def test_a_finished_rows_slot_is_taken_before_the_longest_row_ends(
     fp32: tuple[object, object],
 ) -> None:
-    engine = Engine(*fp32, batch_tokens=10**6, static=True)
-    encoded = [engine.render(WorkItem(i, "Hi", None)) for i in range(300)]
-    for row in encoded:
-        row.new_tokens = 4
-    assert [len(b) for b in engine.micro_batches(encoded)] == [256, 44]
-
-
-@pytest.mark.parametrize("static", [False, True])
-def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object], static: bool) -> None:
-    # A micro-batch as the engine builds it (left-padded rows of unrelated prompts, as small-job
-    # merging makes them; with `static`, padded to a row bucket with a bucketed static cache)
-    # must give every row the next-token logits it gets alone, at every step.
+    # Three slots, budgets 16, 2, 2, 2, 2: padded batches of three would decode 15 + 1 steps;
+    # continuous batching refills the short rows' slots while the long row goes on.
     model, tokenizer = fp32
     engine = Engine(model, tokenizer, batch_tokens=4096)
-    rows = [engine.render(item).ids for item in _items()]
-    greedy = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    engine.batcher.max_rows = 3
+    budgets = [16, 2, 2, 2, 2]
+    items = [
+        WorkItem(i, f"Prompt {i} about the sea", None, {"max_new_tokens": n})
+        for i, n in enumerate(budgets)
+    ]
+    steps = 0
+    step = engine.batcher.step
 
-    def logits(batch: list[list[int]], steps: int) -> torch.Tensor:
-        inputs = tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt")
-        arguments = decoding.shaped(
-            inputs["input_ids"], inputs["attention_mask"], [steps] * len(batch), static, **greedy
-        )
-        with torch.inference_mode():
-            out = model.generate(**arguments, min_new_tokens=steps)  # type: ignore[attr-defined]
-        return torch.stack(out.logits, dim=1)[: len(batch)]
+    def counted() -> list[object]:
+        nonlocal steps
+        steps += 1
+        return step()
 
-    together = logits(rows, 4)
-    for k, row in enumerate(rows):
-        alone = logits([row], 4)[0]
-        assert torch.allclose(together[k], alone, atol=1e-4), (k, (together[k] - alone).abs().max())
+    engine.batcher.step = counted  # type: ignore[method-assign]
+    spec = JobSpec(params=GenerationParams(max_new_tokens=16))
+    finished = [r.index for batch in engine.run(items, spec) for r in batch]
+    assert steps == 15  # the long row's steps alone: the others ran beside it
+    assert finished[-1] == 0 and sorted(finished) == list(range(5))
+
+
+def test_seeded_sampling_is_the_same_batched_or_alone(fp32: tuple[object, object]) -> None:
+    params = GenerationParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    batched = _run(Engine(*fp32, batch_tokens=4096), _items(), params)
+    for item in _items():
+        alone = _run(Engine(*fp32, batch_tokens=4096), [item], params)[item.index]
+        assert batched[item.index].output == alone.output
+    outputs = {result.output for result in batched.values()}
+    other = _run(Engine(*fp32, batch_tokens=4096), _items(), params.model_copy(update={"seed": 8}))
+    assert [other[i].output for i in range(len(PROMPTS))] != [
+        batched[i].output for i in range(len(PROMPTS))
+    ]
+    assert len(outputs) > 1
+
+
+def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> None:
+    # Rows of unrelated prompts joining the batch at different steps (two slots for five rows)
+    # must get the next-token logits each gets alone, at every step.
+    model, tokenizer = fp32
+
+    def logits_by_row(items: list[WorkItem], slots: int) -> dict[int, list[torch.Tensor]]:
+        engine = Engine(model, tokenizer, batch_tokens=4096)
+        engine.batcher.max_rows = slots
+        seen: dict[int, list[torch.Tensor]] = {}
+        pick = engine.batcher._pick
+
+        def watched(rows: list[object], logits: torch.Tensor) -> list[int]:
+            for row, row_logits in zip(rows, logits, strict=True):
+                seen.setdefault(row.key.encoded.item.index, []).append(row_logits.clone())
+            return pick(rows, logits)  # type: ignore[arg-type]
+
+        engine.batcher._pick = watched  # type: ignore[method-assign]
+        list(engine.run(items, JobSpec(params=GenerationParams(max_new_tokens=4))))
+        return seen
+
+    together = logits_by_row(_items(), slots=2)
+    for item in _items():
+        alone = logits_by_row([item], slots=1)[item.index]
+        assert len(alone) == len(together[item.index]) == 4
+        for step, (a, b) in enumerate(zip(together[item.index], alone, strict=True)):
+            assert torch.allclose(a, b, atol=1e-4), (item.index, step, (a - b).abs().max())

@@ -1,4 +1,4 @@
-"""Small-job merging: many one-item jobs share one model batch, each result lands in its own job."""
+"""Many one-item jobs share one model batch, each result lands in its own job."""
 
 from __future__ import annotations
 
@@ -44,15 +44,21 @@ def test_small_jobs_are_merged_and_answered_alone(
             worker.terminate()
             worker.wait(timeout=60)
     text = (tmp_path / "late-worker.log").read_text()
-    assert f"takes {len(PROMPTS) - 1} items of {len(PROMPTS) - 1} like jobs" in text
+    assert "claimed" in text and "items of" in text
 
     # Each answer is what the job would have got alone.
     model, tokenizer = load_model(model_dir / TINY, "none", "cpu")
     engine = Engine(model, tokenizer, batch_tokens=4096)
     spec = JobSpec(params=GenerationParams(max_new_tokens=5))
+    started = []
     with session_scope() as session:
         for job, prompt in zip(jobs, PROMPTS, strict=True):
             (item,) = session.scalars(select(Item).where(Item.job_id == job.id)).all()
             (alone,) = [r for b in engine.run([WorkItem(0, prompt, None)], spec) for r in b]
             assert (item.output, item.completion_tokens) == (alone.output, alone.completion_tokens)
             assert item.attempts == 1
+            started.append(item.started_at)
+    # Rows admitted together are counted started by one statement, at one moment: the worker,
+    # started once all twelve jobs were queued, took them into one batch (a delivery that beat
+    # its first pull may make a group of its own).
+    assert max(started.count(moment) for moment in started) >= len(PROMPTS) - 1

@@ -1,4 +1,4 @@
-"""Out of GPU memory, a micro-batch is halved and retried: every item answered once, unchanged."""
+"""Out of GPU memory, fewer rows join at once: every item answered once, unchanged."""
 
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ def test_batch_is_split_on_out_of_memory(model_dir: Path) -> None:
     spec = JobSpec(params=GenerationParams(max_new_tokens=5))
     expected = {r.index: r for b in Engine(model, tokenizer, 4096).run(items, spec) for r in b}
 
-    real_generate = model.generate
+    engine = Engine(model, tokenizer, 4096)
+    real_admit = engine.batcher.admit
     rows_seen: list[int] = []
 
-    def limited_generate(**kwargs: Any) -> Any:
+    def limited_admit(rows: list[Any]) -> list[Any]:
         # A fake allocator limit: more than 3 rows at once do not fit.
-        rows = kwargs["input_ids"].shape[0]
-        rows_seen.append(rows)
-        if rows > 3:
+        rows_seen.append(len(rows) + len(engine.batcher.rows))
+        if len(rows) + len(engine.batcher.rows) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_generate(**kwargs)
+        return real_admit(rows)
 
-    model.generate = limited_generate
-    batches = list(Engine(model, tokenizer, 4096).run(items, spec))
-    results = [r for b in batches for r in b]
-    # 8 rows fail, each half of 4 fails, the quarters of 2 run.
-    assert rows_seen == [8, 4, 2, 2, 4, 2, 2]
+    engine.batcher.admit = limited_admit  # type: ignore[method-assign]
+    results = [r for batch in engine.run(items, spec) for r in batch]
+    # 8 rows fail, 4 fail, 2 fit; from then on at most 2 rows run at once.
+    assert rows_seen[:3] == [8, 4, 2]
+    assert max(rows_seen[3:]) <= 2
     assert sorted(r.index for r in results) == list(range(8))
     for result in results:
         assert result.error is None

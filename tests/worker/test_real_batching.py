@@ -27,20 +27,41 @@ PROMPTS = [
 ]
 
 
+FEWSHOT = (
+    "Complete each line with a few plain words.\n"
+    "Line: The colour of the sky is\nAnswer: blue on a clear day.\n"
+    "Line: "
+)
+
+
 @pytest.mark.real_model
 def test_greedy_outputs_match_one_at_a_time(real_model_dir: Path) -> None:
+    # 24 rows: the prompts alone, and again behind a shared few-shot prefix (computed once and
+    # copied into each row's slot); mixed budgets; eight slots, so rows join mid-flight.
     model, tokenizer = load_model(real_model_dir / "gemma-3-270m", "none", "cpu")
-    budgets = [4 + (i % 5) * 3 for i in range(len(PROMPTS))]
-    items = [
-        WorkItem(i, prompt, None, {"max_new_tokens": budget})
-        for i, (prompt, budget) in enumerate(zip(PROMPTS, budgets, strict=True))
-    ]
-    spec = JobSpec(params=GenerationParams(max_new_tokens=max(budgets)))
     engine = Engine(model, tokenizer, batch_tokens=16384)
-    together = {r.index: r for batch in engine.run(items, spec) for r in batch}
-    for item, budget in zip(items, budgets, strict=True):
-        alone_spec = JobSpec(params=GenerationParams(max_new_tokens=budget))
-        single = [WorkItem(item.index, item.prompt, None)]
-        (alone,) = [r for batch in engine.run(single, alone_spec) for r in batch]
-        assert together[item.index].output == alone.output, item.prompt
-        assert together[item.index].completion_tokens == alone.completion_tokens
+    engine.batcher.max_rows = 8
+    specs = [JobSpec(), JobSpec(prefix=FEWSHOT)]
+    work = [
+        (spec, WorkItem(i, prompt, None, {"max_new_tokens": 3 + (i * 7 + k) % 14}))
+        for k, spec in enumerate(specs)
+        for i, prompt in enumerate(PROMPTS)
+    ]
+    waiting = [engine.prepare(item, spec, owner=n) for n, (spec, item) in enumerate(work)]
+    assert all(row.prefix for row in waiting[len(PROMPTS) :])  # the prefix is shared
+    together = {}
+    while waiting or engine.batcher.rows:
+        group = []
+        while waiting and engine.batcher.fits(waiting[0], group):
+            group.append(waiting.pop(0))
+        ended = engine.admit(group)[0] if group else []
+        ended += engine.step() if engine.batcher.rows else []
+        together |= {row.key.owner: engine.result(row) for row in ended}
+    assert len(together) == 24
+    for n, (spec, item) in enumerate(work):
+        # Alone, and without prefix sharing: the whole prompt computed as one text.
+        whole = WorkItem(item.index, spec.prefix + (item.prompt or ""), None)
+        own = JobSpec(params=GenerationParams(max_new_tokens=item.params["max_new_tokens"]))
+        (alone,) = [r for batch in Engine(model, tokenizer, 16384).run([whole], own) for r in batch]
+        assert together[n].output == alone.output, (n, item.prompt)
+        assert together[n].completion_tokens == alone.completion_tokens

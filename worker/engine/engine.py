@@ -1,9 +1,17 @@
-"""The batch engine: a plain class that turns work items into results, usable without Celery."""
+"""The engine: a plain class that turns work items into results, usable without Celery.
+
+Generation runs through continuous batching (worker.engine.batcher): rows join as slots free up
+and leave the moment they end. Labels are one forward pass per micro-batch of choice rows
+(worker.engine.labels), with the shared prefix computed once. The worker's scheduler drives the
+same primitives (`prepare`, `admit`, `step`, `result`, `label`) from the SQL store; `run`
+drives them over a list of items, for tests and benchmarks.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +20,18 @@ import torch
 from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import ItemResult, WorkItem
-from worker.engine import decoding, faults
+from worker.engine import faults
+from worker.engine.batcher import Batcher, Row, Sampling
 from worker.engine.labels import ChoiceScorer
 from worker.engine.prefix import PrefixCache, common_prefix, forward_suffixes
 from worker.engine.structured import JsonConstraint, check_json
 
 log = logging.getLogger(__name__)
+
+# Most rows decoded together (the largest batch the benchmarks showed still gaining).
+MAX_ROWS = 256
+# A shared prefix shorter than this is cheaper to compute again than to copy in.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass
@@ -25,15 +39,31 @@ class Encoded:
     item: WorkItem
     ids: list[int]
     text: str
-    new_tokens: int = 0  # the most this row may add (its own max_new_tokens)
+
+
+@dataclass(eq=False)
+class Request:
+    """What the engine keeps of an item while its row runs: the row's key in the batcher."""
+
+    owner: Any  # the caller's handle on the item
+    encoded: Encoded
+    params: GenerationParams
+    json_schema: dict[str, Any] | None
+
+
+def item_settings(item: WorkItem, spec: JobSpec) -> tuple[GenerationParams, dict[str, Any] | None]:
+    """An item's own generation settings (OpenAI batch lines carry theirs), else its job's."""
+    if item.params is None:
+        return spec.params, spec.json_schema
+    own = {key: value for key, value in item.params.items() if key != "json_schema"}
+    return GenerationParams.model_validate(own), item.params.get("json_schema")
 
 
 class Engine:
-    """Runs many items at once: sorted by length, cut into padded micro-batches.
+    """The model, its tokenizer and its batcher.
 
-    A micro-batch holds as many rows as fit `batch_tokens`, counting each row as the longest
-    prompt in it plus the new tokens asked for (what left padding really costs). With `static`
-    (CUDA), generation uses a static KV cache in a few fixed shapes (see worker.engine.decoding).
+    `batch_tokens` bounds a batch: rows x (the widest row's prompt + new tokens), for label
+    micro-batches and for the rows decoding together alike.
     """
 
     def __init__(
@@ -41,22 +71,23 @@ class Engine:
         model: Any,
         tokenizer: Any,
         batch_tokens: int,
-        static: bool = False,
         inject_faults: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_tokens = batch_tokens
-        self.static = static
         self.inject_faults = inject_faults  # tests only: see worker.engine.faults
-        # Past the largest row bucket a batch would leave the compiled shapes.
-        self.max_rows = decoding.ROW_BUCKETS[-1] if static else None
         self.context = int(getattr(model.config, "max_position_embeddings", 8192))
         ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
         # -it models close their turn with <end_of_turn>; it ends an answer like EOS does.
         self.stop_ids = sorted(i for i in ends if i is not None and i != tokenizer.unk_token_id)
+        self.batcher = Batcher(model, self.stop_ids, batch_tokens, MAX_ROWS, self._decode)
         self.prefixes = PrefixCache(model)
         self._json: JsonConstraint | None = None
+        self._shared: dict[tuple[str, bool], list[int]] = {}
+
+    def _decode(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def render(self, item: WorkItem, spec: JobSpec | None = None) -> Encoded:
         """Token ids of an item: its prompt, or its messages in the model's chat format."""
@@ -87,67 +118,146 @@ class Engine:
             item, list(self.tokenizer(text, add_special_tokens=with_bos)["input_ids"]), text
         )
 
-    def micro_batches(self, encoded: list[Encoded]) -> Iterator[list[Encoded]]:
-        """Rows with like budgets and lengths together, each batch under the token budget.
+    def _shared_prefix(self, ids: list[int], spec: JobSpec) -> tuple[int, ...]:
+        """The leading ids this row shares with every row of its job: the job's prefix as
+        rendered (in a chat, up to the prefix inside the first user turn)."""
+        if not spec.prefix:
+            return ()
+        key = (spec.prefix, spec.chat)
+        if key not in self._shared:
+            self._shared[key] = self.render(WorkItem(0, "", None), spec).ids
+        length = common_prefix([ids, self._shared[key]])
+        return tuple(ids[:length]) if length >= MIN_SHARED_PREFIX else ()
 
-        A padded batch costs rows x (longest prompt + most new tokens in it).
-        """
-        batch: list[Encoded] = []
-        longest = most = 0
-        for row in sorted(encoded, key=lambda e: (e.new_tokens, len(e.ids)), reverse=True):
-            wider, more = max(longest, len(row.ids)), max(most, row.new_tokens)
-            full = len(batch) == self.max_rows
-            if batch and (full or (len(batch) + 1) * (wider + more) > self.batch_tokens):
-                yield batch
-                batch, wider, more = [], len(row.ids), row.new_tokens
-            batch.append(row)
-            longest, most = wider, more
-        if batch:
-            yield batch
+    def prepare(self, item: WorkItem, spec: JobSpec, owner: Any = None) -> Row | ItemResult:
+        """A generation row for the item, or the result that says why it cannot run."""
+        try:
+            encoded = self.render(item, spec)
+        except Exception as exc:  # a chat template that refuses these messages, say
+            return ItemResult(item.index, error=f"cannot render the prompt: {exc}")
+        params, schema = item_settings(item, spec)
+        budget = params.max_new_tokens
+        if len(encoded.ids) + budget > self.context:
+            return ItemResult(
+                item.index,
+                error=f"the prompt is {len(encoded.ids)} tokens; with {budget} new tokens it "
+                f"exceeds the model's context of {self.context}",
+            )
+        sampling = Sampling(params.temperature, params.top_p, params.top_k)
+        return Row(
+            key=Request(owner, encoded, params, schema),
+            ids=encoded.ids,
+            budget=budget,
+            sampling=sampling,
+            seed=params.seed,
+            stops=params.stop,
+            constraint=None if schema is None else self._json_constraint().matcher(schema),
+            prefix=self._shared_prefix(encoded.ids, spec),
+        )
 
-    def run(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
-        """Results micro-batch by micro-batch, so callers can store progress as it comes."""
-        scorer = ChoiceScorer(self.tokenizer, spec.choices) if spec.choices else None
-        encoded, unusable = [], []
+    def admit(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        """Prefill rows into the running batch: the rows that ended at once, and those put off
+        because the device ran out of memory (half the group at a time is tried)."""
+        if self.inject_faults:
+            faults.inject(row.key.encoded.text for row in rows)
+        try:
+            return self.batcher.admit(rows), []
+        except torch.OutOfMemoryError:
+            if len(rows) == 1 and not self.batcher.rows:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            keep = len(rows) // 2
+            log.warning("out of memory admitting %s rows; trying %s", len(rows), keep)
+            # Fewer rows from now on: the batch that ran out of memory stays out of reach.
+            self.batcher.max_rows = max(1, len(self.batcher.rows) + keep)
+            if not keep:
+                return [], rows
+            ended, deferred = self.admit(rows[:keep])
+            return ended, deferred + rows[keep:]
+
+    def step(self) -> list[Row]:
+        """One decode step of every running row; returns the rows that ended."""
+        return self.batcher.step()
+
+    def result(self, row: Row) -> ItemResult:
+        """A finished row's answer: its text up to a stop, why it ended, its token counts."""
+        request: Request = row.key
+        params = request.params
+        tokens, kept = row.tokens, row.tokens
+        finish = row.finish or "length"
+        for position, token in enumerate(tokens):
+            if token in self.stop_ids:
+                kept, tokens = tokens[:position], tokens[: position + 1]
+                break
+        text = self._decode(kept)
+        cuts = [text.find(stop) for stop in params.stop if stop in text]
+        if cuts:
+            finish, text = "stop", text[: min(cuts)]
+        error = None
+        if request.json_schema is not None:
+            error = check_json(text, request.json_schema, params.max_new_tokens)
+        return ItemResult(
+            index=request.encoded.item.index,
+            output=text,
+            finish_reason=finish,
+            prompt_tokens=len(row.ids),
+            completion_tokens=len(tokens),
+            error=error,
+        )
+
+    def label_batches(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
+        """Label mode: results micro-batch by micro-batch, each under the token budget counted
+        in the rows an item becomes (one per distinct choice stem)."""
+        assert spec.choices
+        scorer = ChoiceScorer(self.tokenizer, spec.choices)
+        encoded, failed = [], []
         for item in items:
             try:
                 encoded.append(self.render(item, spec))
             except Exception as exc:  # a chat template that refuses these messages, say
-                unusable.append(ItemResult(item.index, error=f"cannot render the prompt: {exc}"))
-        if unusable:
-            yield unusable
-        for e in encoded:
-            own = (e.item.params or {}).get("max_new_tokens", spec.params.max_new_tokens)
-            e.new_tokens = scorer.longest if scorer else own
-        too_long = [e for e in encoded if len(e.ids) + e.new_tokens > self.context]
-        if too_long:
-            yield [
-                ItemResult(
-                    e.item.index,
-                    error=f"the prompt is {len(e.ids)} tokens; with {e.new_tokens} new tokens it "
-                    f"exceeds the model's context of {self.context}",
-                )
-                for e in too_long
-            ]
-            encoded = [e for e in encoded if len(e.ids) + e.new_tokens <= self.context]
+                failed.append(ItemResult(item.index, error=f"cannot render the prompt: {exc}"))
+        too_long = [e for e in encoded if len(e.ids) + scorer.longest > self.context]
+        failed += [
+            ItemResult(
+                e.item.index,
+                error=f"the prompt is {len(e.ids)} tokens; with {scorer.longest} new tokens it "
+                f"exceeds the model's context of {self.context}",
+            )
+            for e in too_long
+        ]
+        if failed:
+            yield failed
+        encoded = [e for e in encoded if len(e.ids) + scorer.longest <= self.context]
         if not encoded:
             return
-        if scorer:
-            prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
-            for batch in self.micro_batches(encoded):
-                yield self._halving_on_oom(batch, lambda b: self._label(b, scorer, prefix))
-            return
-        for batch in self.micro_batches(encoded):
-            yield self._halving_on_oom(batch, lambda b: self._generate(b, spec))
+        prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
+        for batch in self._label_micro_batches(encoded, scorer, len(prefix)):
+            yield self._halving_on_oom(batch, lambda b: self._label(b, scorer, prefix))
 
-    def _halving_on_oom(
-        self, batch: list[Encoded], run: Callable[[list[Encoded]], list[ItemResult]]
-    ) -> list[ItemResult]:
-        """Run a micro-batch; out of GPU memory, run each half instead (no item fails for it)."""
+    def _label_micro_batches(
+        self, encoded: list[Encoded], scorer: ChoiceScorer, shared: int
+    ) -> Iterator[list[Encoded]]:
+        """Items by length, each batch's rows (an item's stems) x width under the budget."""
+        stems = scorer.stems
+        batch: list[Encoded] = []
+        widest = 0
+        for row in sorted(encoded, key=lambda e: len(e.ids), reverse=True):
+            wider = max(widest, len(row.ids) - shared + scorer.longest)
+            if batch and (len(batch) + 1) * stems * wider > self.batch_tokens:
+                yield batch
+                batch, wider = [], len(row.ids) - shared + scorer.longest
+            batch.append(row)
+            widest = wider
+        if batch:
+            yield batch
+
+    def _halving_on_oom(self, batch: list[Encoded], run: Any) -> list[ItemResult]:
+        """Run a label micro-batch; out of GPU memory, each half instead (no item fails for it)."""
         if self.inject_faults:
             faults.inject(row.text for row in batch)
         try:
-            return run(batch)
+            return list(run(batch))
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -158,6 +268,34 @@ class Engine:
                 "out of memory with %s rows; trying %s and %s", len(batch), half, len(batch) - half
             )
             return self._halving_on_oom(batch[:half], run) + self._halving_on_oom(batch[half:], run)
+
+    def run(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
+        """Results as they come: continuous batching over `items` (or label micro-batches)."""
+        if spec.choices:
+            yield from self.label_batches(items, spec)
+            return
+        waiting: deque[Row] = deque()
+        unusable = []
+        for item in items:
+            prepared = self.prepare(item, spec)
+            if isinstance(prepared, Row):
+                waiting.append(prepared)
+            else:
+                unusable.append(prepared)
+        if unusable:
+            yield unusable
+        while waiting or self.batcher.rows:
+            group = []
+            while waiting and self.batcher.fits(waiting[0], group):
+                group.append(waiting.popleft())
+            ended: list[Row] = []
+            if group:
+                ended, deferred = self.admit(group)
+                waiting.extendleft(reversed(deferred))
+            if self.batcher.rows:
+                ended += self.step()
+            if ended:
+                yield [self.result(row) for row in ended]
 
     @torch.inference_mode()
     def _label(
@@ -173,60 +311,7 @@ class Engine:
             first += len(rows)
         return results
 
-    @torch.inference_mode()
-    def _generate(self, batch: list[Encoded], spec: JobSpec) -> list[ItemResult]:
-        params = spec.params
-        inputs = self.tokenizer.pad(
-            {"input_ids": [row.ids for row in batch]}, padding=True, return_tensors="pt"
-        ).to(self.model.device)
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        extra: dict[str, Any] = {}
-        if params.stop:
-            extra = {"stop_strings": params.stop, "tokenizer": self.tokenizer}
-        if spec.json_schema is not None:
-            extra["logits_processor"] = [self._json_constraint().processor(spec.json_schema)]
-        new = decoding.generate(
-            self.model,
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            [row.new_tokens for row in batch],
-            self.static,
-            **params.to_generate_kwargs(),
-            **extra,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-        ).tolist()
-        return [self._result(row, tokens, spec) for row, tokens in zip(batch, new, strict=True)]
-
     def _json_constraint(self) -> JsonConstraint:
         if self._json is None:
             self._json = JsonConstraint(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         return self._json
-
-    def _result(self, row: Encoded, tokens: list[int], spec: JobSpec) -> ItemResult:
-        params: GenerationParams = spec.params
-        finish = "length"
-        # Rows that finish early are padded while the rest of the batch goes on.
-        while tokens and tokens[-1] == self.tokenizer.pad_token_id:
-            tokens = tokens[:-1]
-        kept = tokens
-        for position, token in enumerate(tokens):
-            if token in self.stop_ids:
-                finish, kept, tokens = "stop", tokens[:position], tokens[: position + 1]
-                break
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        cuts = [text.find(stop) for stop in params.stop if stop in text]
-        if cuts:
-            finish, text = "stop", text[: min(cuts)]
-        error = None
-        if spec.json_schema is not None:
-            error = check_json(text, spec.json_schema, params.max_new_tokens)
-        return ItemResult(
-            index=row.item.index,
-            output=text,
-            finish_reason=finish,
-            prompt_tokens=len(row.ids),
-            completion_tokens=len(tokens),
-            error=error,
-        )

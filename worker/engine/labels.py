@@ -29,6 +29,11 @@ class ChoiceScorer:
             False: [ids(" " + choice) for choice in choices],
         }
         self.longest = max(len(t) for variants in self.tokens.values() for t in variants)
+        # The most rows one item becomes: one per distinct choice stem.
+        self.stems = max(
+            len(dict.fromkeys(tokens[:-1] for tokens in variants))
+            for variants in self.tokens.values()
+        )
 
     def rows(self, ids: list[int], text: str) -> tuple[list[list[int]], list[tuple[int, ...]]]:
         """The rows one item needs, and each choice's tokens for it."""

@@ -1,7 +1,7 @@
 """Structured output: generation constrained by a JSON Schema, through xgrammar.
 
 xgrammar compiles a schema into a token mask applied at every step, runs on the CPU as well as
-on CUDA, and plugs into transformers' `generate` as a logits processor.
+on CUDA; the batcher keeps one matcher per row and masks that row's logits at every step.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from functools import lru_cache
 from typing import Any
 
 import xgrammar as xgr
-from xgrammar.contrib.hf import LogitsProcessor
 
 from gemma_batch.domain.json_schema import first_violation
 
@@ -29,9 +28,9 @@ class JsonConstraint:
         # Compact JSON: whitespace the schema does not need only spends the token budget.
         return self.compiler.compile_json_schema(schema, any_whitespace=False)
 
-    def processor(self, schema: dict[str, Any]) -> LogitsProcessor:
-        """A fresh processor for one `generate` call (they keep per-row state)."""
-        return LogitsProcessor(self._compiled(json.dumps(schema, sort_keys=True)))
+    def matcher(self, schema: dict[str, Any]) -> xgr.GrammarMatcher:
+        """A fresh matcher for one row: it follows the row's tokens and masks the next one."""
+        return xgr.GrammarMatcher(self._compiled(json.dumps(schema, sort_keys=True)))
 
 
 def check_json(text: str, schema: dict[str, Any], max_new_tokens: int) -> str | None:

@@ -1,0 +1,330 @@
+"""Continuous batching on one model: rows join as slots free up and leave the moment they end.
+
+A row is one item being generated. `admit` prefills new rows (their prompts, after a shared
+prefix whose keys and values are computed once and copied in) and samples each one's first
+token; `step` runs one decode step for every running row. A row that reaches its budget, an
+end token, a stop string or the end of its JSON answer leaves at once, and its slot is free
+for the next row: no row waits for the longest one in its batch.
+
+Each row samples with its own settings and its own random generator, so what a row produces
+depends on its prompt, its settings and its seed alone, never on its batchmates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker.engine.slots import SlotCache, attention_masks
+
+log = logging.getLogger(__name__)
+
+# Shared prefixes whose keys and values are kept (few-shot prefixes repeat job after job).
+PREFIXES_KEPT = 4
+# Buffers grow in steps of this many columns, so a slightly longer row rarely reallocates.
+WIDTH_STEP = 64
+
+
+@dataclass
+class Sampling:
+    """How a row picks its next token; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(eq=False)
+class Row:
+    """One item being generated, with its own settings and what it has made so far."""
+
+    key: Any  # the caller's handle on the row, handed back when it ends
+    ids: list[int]
+    budget: int
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    stops: Sequence[str] = ()
+    constraint: Any = None  # an xgrammar GrammarMatcher, for JSON answers
+    prefix: tuple[int, ...] = ()  # leading ids shared with other rows, computed once
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        """The columns the row takes at most: its prompt and every token it may add."""
+        return len(self.ids) + self.budget
+
+
+class Batcher:
+    """The running rows of one model and their slot cache.
+
+    `batch_tokens` bounds the cache: rows x the widest row's prompt plus budget; `max_rows`
+    bounds the rows. `decode` turns token ids into text (for stop strings).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        stop_ids: Sequence[int],
+        batch_tokens: int,
+        max_rows: int,
+        decode: Callable[[list[int]], str],
+    ) -> None:
+        self.model = model
+        self.stop_ids = set(stop_ids)
+        self.batch_tokens, self.max_rows = batch_tokens, max_rows
+        self.decode = decode
+        self.device = model.device
+        self.dtype = next(model.parameters()).dtype
+        self.rows: list[Row] = []  # running rows; a row's slot is its index
+        self.cache: SlotCache | None = None
+        self._prefixes: OrderedDict[tuple[int, ...], tuple[list[Any], list[Any]]] = OrderedDict()
+        self._bitmask: Any = None
+
+    # --- capacity -------------------------------------------------------------------------
+
+    def fits(self, row: Row, joining: Sequence[Row] = (), extra: int = 0) -> bool:
+        """Whether `row` can join now, beside the running rows and those `joining` with it.
+
+        `extra` rows over max_rows and batch_tokens may be let in (sync requests go first).
+        """
+        others = [*self.rows, *joining]
+        if not others:
+            return True
+        widest = max(row.length, *(other.length for other in others))
+        count = len(others) + 1 - extra
+        return count <= self.max_rows and count * widest <= self.batch_tokens
+
+    # --- joining --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows` and pick each one's first token; returns those that ended already.
+
+        If the forward pass raises, no row joins and the cache is as it was.
+        """
+        prompt = max(len(row.ids) for row in rows)
+        self._make_room(len(rows), prompt, max(row.budget for row in rows))
+        cache = self.cache
+        assert cache is not None
+        first, count = len(self.rows), len(rows)
+        end = cache.end
+        for slot, row in enumerate(rows, start=first):
+            cache.starts[slot] = end - len(row.ids)
+            if row.prefix:
+                keys, values = self._prefix_kv(row.prefix)
+                cache.copy_in(slot, cache.starts[slot], keys, values)
+        # Only what follows each row's prefix is computed; the prefix is in the cache already.
+        own = [row.ids[len(row.prefix) :] for row in rows]
+        span = max(len(ids) for ids in own)
+        input_ids = torch.zeros((count, span), dtype=torch.long)
+        positions = torch.zeros((count, span), dtype=torch.long)
+        written = torch.zeros((count, span), dtype=torch.bool)
+        for index, (row, ids) in enumerate(zip(rows, own, strict=True)):
+            input_ids[index, span - len(ids) :] = torch.tensor(ids)
+            positions[index, span - len(ids) :] = torch.arange(len(row.prefix), len(row.ids))
+            written[index, span - len(ids) :] = True
+        cache.writing(slice(first, first + count), slice(end - span, end), written.to(self.device))
+        starts = torch.tensor(cache.starts[first : first + count])
+        logits = self._forward(input_ids, positions, starts, end - span, span)
+        for row in rows:
+            if row.seed is not None:
+                row.generator = torch.Generator(self.device).manual_seed(row.seed)
+        self.rows.extend(rows)
+        return self._advance(logits, first)
+
+    def _make_room(self, joining: int, prompt: int, budget: int) -> None:
+        """Slots for the joining rows, whose prompts (up to `prompt` long) end at the shared
+        column, and columns for every row's remaining tokens.
+
+        Columns are moved only when they must be: when a prompt is longer than the running
+        rows, or the running rows' remaining tokens would run past the buffer.
+        """
+        cache, running = self.cache, len(self.rows)
+        remaining = max([budget] + [row.budget - len(row.tokens) for row in self.rows])
+        if cache is None or not running:
+            end = prompt
+        else:
+            end = cache.end
+            if prompt > end or end + remaining > cache.width:
+                # As far left as the oldest running row and the new prompts allow.
+                end = max(prompt, end - min(cache.starts[:running]))
+        if cache is None or running + joining > cache.slots or end + remaining > cache.width:
+            self._grow(running + joining, end + remaining, end)
+        elif end != cache.end:
+            cache.shift(end - cache.end, running)
+
+    def _grow(self, rows: int, width: int, end: int) -> None:
+        """A larger buffer (by half again, so growing is rare), the running rows moved into it
+        to end at column `end`."""
+        old, running = self.cache, len(self.rows)
+        if old is not None:
+            rows = max(rows, min(self.max_rows, old.slots * 3 // 2))
+            width = max(width, old.width * 3 // 2)
+        width = -(-width // WIDTH_STEP) * WIDTH_STEP
+        new = SlotCache(self.model.config, rows, width, self.device, self.dtype)
+        new.end = end
+        if old is not None and running:
+            span = old.end - min(old.starts[:running])
+            for buffers, fresh in ((old.keys, new.keys), (old.values, new.values)):
+                for layer, target in zip(buffers, fresh, strict=True):
+                    target[:running, :, end - span : end] = layer[
+                        :running, :, old.end - span : old.end
+                    ]
+            new.starts[:running] = [start + end - old.end for start in old.starts[:running]]
+        self.cache = new
+
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
+        """Keys and values of a shared prefix at positions 0.., computed once and kept."""
+        if prefix in self._prefixes:
+            self._prefixes.move_to_end(prefix)
+            return self._prefixes[prefix]
+        cache = SlotCache(self.model.config, 1, len(prefix), self.device, self.dtype)
+        cache.writing(slice(0, 1), slice(0, len(prefix)))
+        ids = torch.tensor([list(prefix)])
+        positions = torch.arange(len(prefix))[None]
+        masks = attention_masks(self.model.config, torch.zeros(1), 0, len(prefix), self.device)
+        self.model.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=masks,
+            cache=cache,
+            use_cache=True,
+        )
+        kept = ([k[0] for k in cache.keys], [v[0] for v in cache.values])
+        self._prefixes[prefix] = kept
+        if len(self._prefixes) > PREFIXES_KEPT:
+            self._prefixes.popitem(last=False)
+        return kept
+
+    # --- decoding -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One decode step for every running row; returns the rows that ended."""
+        cache = self.cache
+        assert cache is not None and self.rows
+        count = len(self.rows)
+        input_ids = torch.tensor([[row.tokens[-1]] for row in self.rows])
+        positions = torch.tensor([[len(row.ids) + len(row.tokens) - 1] for row in self.rows])
+        cache.writing(slice(0, count), slice(cache.end, cache.end + 1))
+        starts = torch.tensor(cache.starts[:count])
+        logits = self._forward(input_ids, positions, starts, cache.end, 1)
+        cache.end += 1
+        return self._advance(logits, 0)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        starts: torch.Tensor,
+        first_column: int,
+        queries: int,
+    ) -> torch.Tensor:
+        masks = attention_masks(self.model.config, starts, first_column, queries, self.device)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=masks,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _advance(self, logits: torch.Tensor, first: int) -> list[Row]:
+        """Pick the next token of rows first.. from their logits; retire the rows that ended."""
+        rows = self.rows[first:]
+        picked = self._pick(rows, logits)
+        ended = []
+        for row, token in zip(rows, picked, strict=True):
+            row.tokens.append(token)
+            if row.constraint is not None and not row.constraint.is_terminated():
+                row.constraint.accept_token(token)
+            if self._ends(row, token):
+                row.finish = "stop"
+            elif len(row.tokens) >= row.budget:
+                row.finish = "length"
+            if row.finish:
+                ended.append(row)
+        if ended:
+            self.leave(ended)
+        return ended
+
+    def _ends(self, row: Row, token: int) -> bool:
+        """An end token, the end of a JSON answer, or a stop string just made."""
+        if token in self.stop_ids:
+            return True
+        if row.constraint is not None and row.constraint.is_terminated():
+            return True
+        if not row.stops:
+            return False
+        # Only the tail can hold a stop string that has just appeared; decoding the tail alone
+        # keeps the check's cost bounded by the stop strings' length, not the answer's.
+        longest = max(len(stop) for stop in row.stops)
+        tail = self.decode(row.tokens[-(longest + 4) :])
+        return any(stop in tail for stop in row.stops)
+
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
+        if constrained:
+            self._constrain(rows, logits, constrained)
+        picked = logits.argmax(dim=-1).tolist()
+        for index, row in enumerate(rows):
+            if row.sampling.temperature > 0:
+                picked[index] = self._sample(logits[index], row)
+        return picked
+
+    def _constrain(self, rows: list[Row], logits: torch.Tensor, indices: list[int]) -> None:
+        import xgrammar as xgr
+
+        vocab = logits.shape[-1]
+        if self._bitmask is None or self._bitmask.shape[0] < 1:
+            self._bitmask = xgr.allocate_token_bitmask(1, vocab)
+        for index in indices:
+            matcher = rows[index].constraint
+            if matcher.is_terminated():
+                continue
+            matcher.fill_next_token_bitmask(self._bitmask, 0)
+            row_logits = logits[index : index + 1]
+            xgr.apply_token_bitmask_inplace(row_logits, self._bitmask.to(row_logits.device))
+
+    def _sample(self, logits: torch.Tensor, row: Row) -> int:
+        settings = row.sampling
+        scores = logits / settings.temperature
+        if settings.top_k:
+            kth = torch.topk(scores, min(settings.top_k, scores.shape[-1])).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if settings.top_p < 1.0:
+            ordered, order = torch.sort(scores, descending=True)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            # Keep the smallest set whose mass reaches top_p (always the most likely token).
+            cut = cumulative - ordered.softmax(-1) >= settings.top_p
+            scores = scores.scatter(0, order[cut], float("-inf"))
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=row.generator).item())
+
+    # --- leaving --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def leave(self, rows: list[Row]) -> None:
+        """Take rows out of the batch; the last running rows move into the freed slots."""
+        cache = self.cache
+        assert cache is not None
+        gone = {id(row) for row in rows}
+        slot = 0
+        while slot < len(self.rows):
+            if id(self.rows[slot]) in gone:
+                last = len(self.rows) - 1
+                if slot != last:
+                    cache.move(last, slot)
+                    self.rows[slot] = self.rows[last]
+                self.rows.pop()
+            else:
+                slot += 1
