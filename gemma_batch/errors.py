@@ -16,6 +16,7 @@ class FieldError:
 class AppError(Exception):
     status_code = 400
     type = "invalid_request_error"
+    code: str | None = None  # a stable, machine-readable name of the error, where it has one
     headers: dict[str, str] = {}
 
     def __init__(self, message: str, param: str | None = None) -> None:
@@ -24,7 +25,10 @@ class AppError(Exception):
         self.param = param
 
     def body(self) -> dict[str, object]:
-        return {"error": {"type": self.type, "message": self.message, "param": self.param}}
+        error = {"type": self.type, "message": self.message, "param": self.param}
+        if self.code is not None:
+            error["code"] = self.code
+        return {"error": error}
 
 
 class InvalidRequest(AppError):
@@ -94,6 +98,20 @@ class TooManyQueued(AppError):
         body = super().body()
         body["error"] |= {"queued": self.queued, "limit": self.limit}  # type: ignore[operator]
         return body
+
+
+class IdempotencyKeyReused(AppError):
+    """An Idempotency-Key sent again with a different request: a client bug, never a retry."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this Idempotency-Key was used for a different request; a retry must send the same "
+            "request, and a new request needs a new key",
+            "Idempotency-Key",
+        )
 
 
 class ServiceUnavailable(AppError):

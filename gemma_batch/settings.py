@@ -62,7 +62,21 @@ class Settings(BaseSettings):
         description="Key of the HMAC-SHA256 signature on job webhooks, for tenants without "
         "their own.",
     )
-    flower_auth: SecretStr | None = Field(None, description="`user:password` for Flower.")
+    flower_auth: SecretStr | None = Field(
+        None,
+        description="`user:password` for Flower; `gemma-batch flower` refuses to start without.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token the API's /metrics asks for; unset: /metrics is open."
+    )
+    webhook_allow: str = Field(
+        "",
+        description="Comma-separated hosts or CIDRs webhooks may reach although internal "
+        "(loopback, private, link-local...); empty: public addresses only.",
+    )
+    webhook_retry_hours: float = Field(
+        24.0, gt=0, description="How long a failing webhook is retried, with backoff."
+    )
 
     batch_tokens: int = Field(
         16384,
@@ -79,6 +93,19 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         500_000, ge=1, description="Longest prompt (or chat's text) in characters, per item."
     )
+    max_row_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Largest row kept from an upload (its fields as JSON), and longest JSONL line.",
+    )
+    max_choices: int = Field(1000, ge=1, description="Most label choices in one job.")
+    max_choices_chars: int = Field(
+        100_000, ge=1, description="Most characters of all a job's label choices together."
+    )
+    max_stop_chars: int = Field(200, ge=1, description="Longest stop string, in characters.")
+    max_metadata_bytes: int = Field(
+        16384, ge=64, description="Largest `metadata` of a job or batch (as JSON)."
+    )
     max_queued_items: int = Field(
         5_000_000, ge=1, description="Most items one tenant may have queued or running."
     )
@@ -89,6 +116,9 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(50_000, ge=1, description="Most requests in one batch file.")
     sync_timeout: float = Field(
         120.0, gt=0, description="Seconds /v1/chat/completions waits for a worker's answer."
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address each worker's /metrics binds (0.0.0.0: every interface)."
     )
     worker_metrics_port: int = Field(
         9400, ge=0, le=65535, description="First worker's /metrics port (one more per GPU); 0: off."

@@ -23,12 +23,12 @@ MODEL_LOAD = Gauge("gemma_batch_worker_model_load_seconds", "Seconds the model t
 GPU_MEMORY = Gauge("gemma_batch_worker_gpu_memory_bytes", "GPU memory allocated by torch")
 
 
-def serve(port: int) -> None:
+def serve(host: str, port: int) -> None:
     """Serve /metrics on `port` (0: not at all); a busy port costs the metrics, not the worker."""
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
         log.warning("worker metrics not served on port %s: %s", port, exc)
         return

@@ -39,7 +39,8 @@ _scheduler: Scheduler | None = None
 def _on_process_init(sender: str | None = None, **_: Any) -> None:
     # The parent's pooled DB connections must not be shared with the child.
     reset_sql_engine()
-    metrics.serve(get_settings().worker_metrics_port)
+    settings = get_settings()
+    metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
     global _scheduler
     _scheduler = start_scheduler(f"{sender or 'worker'}/{os.getpid()}")
 

@@ -88,14 +88,37 @@ class _Chunks(io.RawIOBase):
         return data
 
 
-def _parquet_types() -> dict[str, Any]:
-    """Our own columns have fixed types, whatever the first rows hold (label_probs as JSON)."""
+def _parquet_schema(job: Job) -> Any:
+    """Every column's type fixed before the first byte: ours from ResultLine, the caller's from
+    the types its rows held over the whole upload (text where they were mixed or unknown)."""
     import pyarrow as pa
 
-    def arrow(annotation: Any) -> Any:
+    def ours(annotation: Any) -> Any:
         return pa.int64() if annotation in (int, int | None) else pa.string()
 
-    return {name: arrow(field.annotation) for name, field in ResultLine.model_fields.items()}
+    fixed = {name: ours(field.annotation) for name, field in ResultLine.model_fields.items()}
+    kinds = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+    seen = job.column_types or {}
+    return pa.schema(
+        [
+            pa.field(name, fixed[name] if name in fixed else kinds.get(seen.get(name), pa.string()))
+            for name in columns(job)
+        ]
+    )
+
+
+def _cell(value: Any, kind: Any) -> Any:
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if pa.types.is_string(kind) and not isinstance(value, str):
+        return (
+            json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else str(value)
+        )
+    if pa.types.is_floating(kind):
+        return float(value)
+    return value
 
 
 class ParquetExport:
@@ -106,33 +129,15 @@ class ParquetExport:
         import pyarrow.parquet as pq
 
         sink = _Chunks()
-        writer = None
-        names = columns(job)
-        fixed = _parquet_types()
+        schema = _parquet_schema(job)
+        writer = pq.ParquetWriter(sink, schema)
         for page in iter_pages(job.id):
-            rows = [{name: row.get(name) for name in names} for row in page]
-            for row in rows:
-                probs = row.get("label_probs")
-                row["label_probs"] = json.dumps(probs) if probs else None
-            if writer is None:
-                # The caller's fields take the types of the first page; still empty there: text.
-                inferred = pa.Table.from_pylist(rows).schema
-                schema = pa.schema(
-                    [
-                        pa.field(f.name, fixed[f.name])
-                        if f.name in fixed
-                        else f.with_type(pa.string())
-                        if pa.types.is_null(f.type)
-                        else f
-                        for f in inferred
-                    ]
-                )
-                writer = pq.ParquetWriter(sink, schema)
-            writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+            rows = [
+                {field.name: _cell(row.get(field.name), field.type) for field in schema}
+                for row in page
+            ]
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
             yield sink.take()
-        if writer is None:
-            empty = pa.schema([pa.field(name, pa.string()) for name in names])
-            writer = pq.ParquetWriter(sink, empty)
         writer.close()
         yield sink.take()
 

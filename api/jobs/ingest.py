@@ -21,7 +21,8 @@ FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-PARQUET_BATCH = 5000
+# Rows decoded at once: small, since a few bytes of Parquet can unpack into megabytes a row.
+PARQUET_BATCH = 64
 
 Row = tuple[str, dict[str, Any]]  # (where it came from, e.g. "line 3", the row's fields)
 
@@ -42,25 +43,48 @@ def detect_format(filename: str | None, declared: str | None) -> str:
     return fmt
 
 
-def iter_rows(file: IO[bytes], fmt: str) -> Iterator[Row]:
-    """Each row with where it is in the file, for error messages."""
-    readers = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    yield from readers[fmt](file)
+def iter_rows(file: IO[bytes], fmt: str, max_row_bytes: int, max_field_chars: int) -> Iterator[Row]:
+    """Each row with where it is in the file, for error messages.
+
+    Whatever the format, a row is UTF-8 text without NUL characters (which no database column
+    of text holds), and no JSONL line may be over `max_row_bytes`.
+    """
+    if fmt == "jsonl":
+        yield from _jsonl_rows(file, max_row_bytes)
+    elif fmt == "csv":
+        yield from _csv_rows(file, max_field_chars)
+    else:
+        yield from _parquet_rows(file)
 
 
 def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _jsonl_rows(file: IO[bytes]) -> Iterator[Row]:
-    for number, raw in enumerate(file, start=1):
+def _lines(file: IO[bytes], limit: int) -> Iterator[tuple[int, bytes]]:
+    number = 0
+    while raw := file.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            raise _bad(f"line {number}", f"is over the limit of {limit} bytes")
+        yield number, raw
+
+
+def _jsonl_rows(file: IO[bytes], limit: int) -> Iterator[Row]:
+    for number, raw in _lines(file, limit):
         if not raw.strip():
             continue
         where = f"line {number}"
         try:
-            row = json.loads(raw, parse_constant=_no_constants)
-        except UnicodeDecodeError:
-            raise _bad(where, "is not UTF-8 text") from None
+            # Strict decoding: json.loads(bytes) would let encoded surrogates through. A byte
+            # order mark may open the file, as some editors write one.
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(where, f"is not UTF-8 text (byte {exc.start + 1})") from None
+        if "\x00" in text:
+            raise _bad(where, "holds a NUL character")
+        try:
+            row = json.loads(text, parse_constant=_no_constants)
         except json.JSONDecodeError as exc:
             raise _bad(where, f"is not valid JSON ({exc.msg})") from None
         except ValueError as exc:  # NaN or Infinity, which no database stores as JSON
@@ -69,22 +93,36 @@ def _jsonl_rows(file: IO[bytes]) -> Iterator[Row]:
             raise _bad(where, "is nested too deeply") from None
         if not isinstance(row, dict):
             raise _bad(where, f"is a JSON {type(row).__name__}, not an object")
-        if b"\\u" in raw:  # escapes can spell what UTF-8 text and the databases refuse
-            _check_text(where, row)
+        if "\\u" in text:  # escapes can spell what UTF-8 text and the databases refuse
+            _check_escapes(where, row)
         yield where, row
 
 
-def _check_text(where: str, row: dict[str, Any]) -> None:
-    text = json.dumps(row, ensure_ascii=False)
+def _check_escapes(where: str, row: dict[str, Any]) -> None:
+    problem = text_problem(json.dumps(row, ensure_ascii=False))
+    if problem:
+        raise _bad(where, problem)
+
+
+def text_problem(text: str) -> str | None:
+    """What keeps decoded JSON from being stored as text: NUL, or a lone surrogate."""
     if "\x00" in text or "\\u0000" in text:
-        raise _bad(where, "holds a NUL character")
+        return "holds a NUL character"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _bad(where, "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        return "holds a lone surrogate (\\ud800-\\udfff), which is not text"
+    return None
 
 
-def _csv_rows(file: IO[bytes]) -> Iterator[Row]:
+def _check_plain(where: str, row: dict[str, Any]) -> None:
+    if any(isinstance(v, str) and "\x00" in v for v in (*row.keys(), *row.values())):
+        raise _bad(where, "holds a NUL character")
+
+
+def _csv_rows(file: IO[bytes], max_field_chars: int) -> Iterator[Row]:
+    # A process-wide setting of the csv module; every upload sets the same value.
+    csv.field_size_limit(max_field_chars)
     text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")
     reader = csv.DictReader(text, restkey="_extra")
     number = 0  # records, not lines: a quoted value may span several lines
@@ -94,11 +132,19 @@ def _csv_rows(file: IO[bytes]) -> Iterator[Row]:
             if "_extra" in row:
                 columns = len(reader.fieldnames or [])
                 raise _bad(where, f"has more values than the {columns} columns")
+            _check_plain(where, row)
             yield where, row
     except UnicodeDecodeError as exc:
-        # Decoding runs ahead of the rows, block by block: name the byte, not a row.
-        where = f"a block after row {number}"
-        raise _bad("file", f"is not UTF-8 text (byte {exc.start} of {where})") from None
+        # Decoding runs ahead of the rows, block by block: the first bad row is the next one
+        # or a little later.
+        raise InvalidRequest(
+            [
+                FieldError(
+                    "file",
+                    f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} after row {number})",
+                )
+            ]
+        ) from None
     except csv.Error as exc:
         raise _bad(f"row {number + 1}", f"is not valid CSV ({exc})") from None
     finally:
@@ -117,11 +163,27 @@ def _parquet_rows(file: IO[bytes]) -> Iterator[Row]:
     number = 0
     try:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH):
-            for row in batch.to_pylist():
+            for row in _decoded(batch, number):
                 number += 1
-                yield f"row {number}", {key: _jsonable(value) for key, value in row.items()}
+                where = f"row {number}"
+                row = {key: _jsonable(value) for key, value in row.items()}
+                _check_plain(where, row)
+                yield where, row
     except (pa.ArrowException, OSError) as exc:
         raise _bad(f"row {number + 1}", f"cannot be read ({exc})") from None
+
+
+def _decoded(batch: Any, before: int) -> list[dict[str, Any]]:
+    """The batch's rows as Python values; a string column holding bad UTF-8 is named by row."""
+    try:
+        return batch.to_pylist()  # type: ignore[no-any-return]
+    except UnicodeDecodeError:
+        for offset in range(batch.num_rows):
+            try:
+                batch.slice(offset, 1).to_pylist()
+            except UnicodeDecodeError:
+                raise _bad(f"row {before + offset + 1}", "holds text that is not UTF-8") from None
+        raise
 
 
 def _jsonable(value: Any) -> Any:

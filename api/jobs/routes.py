@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import hashlib
+from collections.abc import Callable
+from functools import partial
+from typing import IO, Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
@@ -17,7 +20,7 @@ from api.jobs.exports import EXPORTS
 from api.jobs.forms import job_request_body, parse_form, parse_json
 from api.jobs.schemas import FileJob, JobCreate, JobList, job_read
 from api.paging import newest_first
-from gemma_batch.domain.records import JobRead
+from gemma_batch.domain.records import JobRead, JobStatus
 from gemma_batch.errors import FieldError, InvalidRequest
 from gemma_batch.settings import Settings
 from gemma_batch.store.tables import Job
@@ -47,52 +50,62 @@ async def create_job(
     """Store a job and all its items, then queue them for the workers.
 
     Takes JSON (`items` of prompts or chats) or a multipart upload (`file` in JSONL, CSV or
-    Parquet, with a `template` and the job settings as form fields).
+    Parquet, with a `template` and the job settings as form fields). With an Idempotency-Key, a
+    retry of the same request returns the first job; another request under it is refused (422).
     """
-    if idempotency_key and (first := jobs.find_submission(session, tenant, idempotency_key)):
-        return job_read(first)
-    try:
-        job = await _store(request, session, settings, tenant, idempotency_key)
-    except IntegrityError:
-        # The same key stored by a concurrent request a moment ago: that one is the job.
-        session.rollback()
-        first = jobs.find_submission(session, tenant, idempotency_key) if idempotency_key else None
-        if first is None:
-            raise
-        return job_read(first)
-    return job_read(job)
-
-
-async def _store(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    tenant: str,
-    idempotency_key: str | None,
-) -> Job:
-    # Tokenizing and bulk inserts block; they run off the event loop.
+    # Tokenizing, hashing and bulk inserts block; they run off the event loop.
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         async with request.form(max_part_size=settings.max_body_bytes) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InvalidRequest([FieldError("file", "attach the rows as a file field 'file'")])
             options = parse_form(FileJob, {k: v for k, v in form.items() if k != "file"})
-            job = await run_in_threadpool(
-                jobs.create_job_from_file,
-                session,
-                upload.file,
-                upload.filename,
-                options,
-                settings,
-                tenant,
-                idempotency_key,
+            digest = None
+            if idempotency_key:
+                digest = await run_in_threadpool(_upload_hash, options, upload.file)
+                if first := jobs.find_submission(session, tenant, idempotency_key):
+                    return job_read(jobs.same_submission(first, digest))
+            store = partial(
+                jobs.create_job_from_file, session, upload.file, upload.filename, options
             )
+            job = await _stored(store, session, settings, tenant, idempotency_key, digest)
     else:
         body = parse_json(JobCreate, await request.body())
-        job = await run_in_threadpool(
-            jobs.create_job, session, body, settings, tenant, idempotency_key
-        )
-    return job
+        digest = None
+        if idempotency_key:
+            digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+            if first := jobs.find_submission(session, tenant, idempotency_key):
+                return job_read(jobs.same_submission(first, digest))
+        store = partial(jobs.create_job, session, body)
+        job = await _stored(store, session, settings, tenant, idempotency_key, digest)
+    return job_read(job)
+
+
+def _upload_hash(options: FileJob, file: IO[bytes]) -> str:
+    digest = hashlib.sha256(options.model_dump_json().encode())
+    for block in iter(lambda: file.read(1 << 20), b""):
+        digest.update(block)
+    file.seek(0)
+    return digest.hexdigest()
+
+
+async def _stored(
+    store: Callable[..., Job],
+    session: Session,
+    settings: Settings,
+    tenant: str,
+    idempotency_key: str | None,
+    digest: str | None,
+) -> Job:
+    try:
+        return await run_in_threadpool(store, settings, tenant, idempotency_key, digest)
+    except IntegrityError:
+        # The same key stored by a concurrent request a moment ago: that one is the job.
+        session.rollback()
+        first = jobs.find_submission(session, tenant, idempotency_key) if idempotency_key else None
+        if first is None or digest is None:
+            raise
+        return jobs.same_submission(first, digest)
 
 
 @router.get("")
@@ -102,7 +115,9 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="last_id of the previous page")] = None,
 ) -> JobList:
-    page, has_more = newest_first(session, Job, tenant, limit, after)
+    # A job still taking its rows in is not listed until they are all in.
+    visible = [Job.status != JobStatus.UPLOADING]
+    page, has_more = newest_first(session, Job, tenant, limit, after, visible)
     return JobList(
         data=[job_read(job) for job in page],
         has_more=has_more,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any, Literal, get_type_hints
 
 from pydantic import (
@@ -17,7 +19,14 @@ from pydantic import (
 from api.jobs.templates import Template, TemplateError
 from gemma_batch.domain.json_schema import check_schema
 from gemma_batch.domain.params import GenerationParams, JobSpec
-from gemma_batch.domain.records import RESULT_FIELDS, Counts, ItemResult, JobRead
+from gemma_batch.domain.records import (
+    RESULT_FIELDS,
+    Counts,
+    ItemResult,
+    JobRead,
+    WebhookState,
+)
+from gemma_batch.settings import get_settings
 from gemma_batch.store.tables import Item, Job, as_utc
 
 
@@ -73,12 +82,30 @@ class JobOptions(BaseModel):
             return None
         if not choices:
             raise ValueError("give at least one choice")
+        settings = get_settings()
+        if len(choices) > settings.max_choices:
+            raise ValueError(f"{len(choices)} choices, over the limit of {settings.max_choices}")
+        chars = sum(len(choice) for choice in choices)
+        if chars > settings.max_choices_chars:
+            raise ValueError(
+                f"the choices hold {chars} characters, over the limit of "
+                f"{settings.max_choices_chars}"
+            )
         if any(not choice.strip() for choice in choices):
             raise ValueError("a choice may not be empty")
-        repeated = sorted({c for c in choices if choices.count(c) > 1})
+        repeated = sorted(choice for choice, count in Counter(choices).items() if count > 1)
         if repeated:
             raise ValueError(f"duplicate choices: {', '.join(repeated)}")
         return choices
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
+        size = len(json.dumps(metadata).encode())
+        limit = get_settings().max_metadata_bytes
+        if size > limit:
+            raise ValueError(f"metadata is {size} bytes as JSON, over the limit of {limit}")
+        return metadata
 
     @field_validator("json_schema")
     @classmethod
@@ -148,6 +175,11 @@ def job_read(job: Job) -> JobRead:
         created_at=as_utc(job.created_at),
         started_at=as_utc(job.started_at),
         finished_at=as_utc(job.finished_at),
+        webhook=WebhookState(
+            status=job.webhook_status, attempts=job.webhook_attempts, last_error=job.webhook_error
+        )
+        if job.webhook_status
+        else None,
     )
 
 

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import IO, Any
 
-from sqlalchemy import delete, func, insert, select, update
+import httpx
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from api.jobs.ingest import detect_format, iter_rows
 from api.jobs.schemas import FileJob, JobCreate, JobOptions
 from api.jobs.templates import Template
+from api.jobs.webhooks import Allowlist, TargetRefused, check_url
 from gemma_batch.dispatch.queues import enqueue_chunks
 from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.records import (
@@ -27,6 +29,7 @@ from gemma_batch.domain.records import (
 from gemma_batch.errors import (
     Conflict,
     FieldError,
+    IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
     ServiceUnavailable,
@@ -54,6 +57,10 @@ class NewItem:
     params: dict[str, Any] | None = None
 
 
+def _too_long(length: int, limit: int) -> str:
+    return f"the prompt is {length} characters, over the limit of {limit}"
+
+
 def _check_prompt_chars(batch: list[NewItem], limit: int) -> None:
     """Refuse overlong prompts by their length alone, before any time goes into tokenizing."""
     lengths = {
@@ -63,7 +70,7 @@ def _check_prompt_chars(batch: list[NewItem], limit: int) -> None:
         for item in batch
     }
     errors = [
-        FieldError(where, f"the prompt is {length} characters, over the limit of {limit}")
+        FieldError(where, _too_long(length, limit))
         for where, length in lengths.items()
         if length > limit
     ]
@@ -121,6 +128,7 @@ def create_job(
     settings: Settings,
     tenant: str,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
 ) -> Job:
     """A job from a JSON body of prompts or chats."""
     if len(request.items) > settings.max_items:
@@ -134,7 +142,15 @@ def create_job(
         )
         for index, item in enumerate(request.items)
     )
-    return store_job(session, request, items, settings, tenant, idempotency_key=idempotency_key)
+    return store_job(
+        session,
+        request,
+        items,
+        settings,
+        tenant,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+    )
 
 
 def create_job_from_file(
@@ -145,32 +161,40 @@ def create_job_from_file(
     settings: Settings,
     tenant: str,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
 ) -> Job:
     """A job from an uploaded file: each row is put through the template, its fields kept."""
     template = Template(request.template)
     fmt = detect_format(filename, request.format)
-    columns: dict[str, None] = {}  # field names in order of first appearance
+    columns = ColumnTypes()
+    rows = iter_rows(
+        upload,
+        fmt,
+        max_row_bytes=settings.max_row_bytes,
+        max_field_chars=max(settings.max_prompt_chars, settings.max_row_bytes),
+    )
 
     def items() -> Iterator[NewItem]:
-        for index, (where, row) in enumerate(iter_rows(upload, fmt)):
+        for index, (where, row) in enumerate(rows):
             missing = template.missing(row)
             if missing:
-                raise InvalidRequest(
-                    [
-                        FieldError(
-                            "file", f"{where}: no field '{missing[0]}', which the template needs"
-                        )
-                    ]
+                raise _file_error(f"{where}: no field '{missing[0]}', which the template needs")
+            size = row_bytes(row)
+            if size > settings.max_row_bytes:
+                raise _file_error(
+                    f"{where}: is {size} bytes, over the limit of {settings.max_row_bytes} a row"
                 )
-            columns.update(dict.fromkeys(row))
+            columns.add(row)
             row_id = row.get(request.id_field)
             if row_id is not None and len(str(row_id)) > MAX_ID:
+                raise _file_error(f"{where}: its id is over {MAX_ID} characters")
+            length = template.rendered_length(row)
+            if length > settings.max_prompt_chars:
                 raise InvalidRequest(
-                    [FieldError("file", f"{where}: its id is over {MAX_ID} characters")]
+                    [FieldError(where, _too_long(length, settings.max_prompt_chars))]
                 )
-            yield NewItem(
-                where, str(index if row_id is None else row_id), template.render(row), fields=row
-            )
+            prompt = template.render(row)
+            yield NewItem(where, str(index if row_id is None else row_id), prompt, fields=row)
 
     return store_job(
         session,
@@ -181,7 +205,54 @@ def create_job_from_file(
         template=request.template,
         columns=columns,
         idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        unique_ids=True,
     )
+
+
+def _file_error(message: str) -> InvalidRequest:
+    return InvalidRequest([FieldError("file", message)])
+
+
+def row_bytes(row: dict[str, Any]) -> int:
+    """About what a row takes stored as JSON: exact for text, the JSON of anything else."""
+    size = 2
+    for key, value in row.items():
+        size += len(key) + 6
+        if isinstance(value, str):
+            size += len(value) if value.isascii() else len(value.encode())
+        else:
+            size += len(json.dumps(value))
+    return size
+
+
+class ColumnTypes:
+    """Each field's type over every row, so exports can give a column one type from the start:
+    int and float make float; any other mix, text."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, str] = {}  # in order of first appearance
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, value in row.items():
+            kind = _kind(value)
+            known = self.types.get(name)
+            if known is None or known == "null":
+                self.types[name] = kind
+            elif kind not in ("null", known):
+                self.types[name] = "float" if {known, kind} == {"int", "float"} else "text"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return "text"  # strings, and lists or objects, which exports write as JSON text
 
 
 def store_job(
@@ -191,24 +262,30 @@ def store_job(
     settings: Settings,
     tenant: str,
     template: str | None = None,
-    columns: dict[str, None] | None = None,
+    columns: ColumnTypes | None = None,
     check_context: bool = True,
     priority: int = BATCH_PRIORITY,
     idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    unique_ids: bool = False,
 ) -> Job:
-    """Store the job and all its items in one transaction, then enqueue one task per chunk.
+    """Store the job and all its items, then enqueue one task per chunk.
 
-    Items arrive as a stream and go in by batches, so a huge upload never sits in memory; any
-    bad item rolls the whole job back, so nothing half-made is ever stored. The tenant's queue
-    limit is checked against what was queued when the job began: two jobs stored at once may
-    both pass it.
+    Items arrive as a stream and go in by batches, each its own short transaction, so a huge
+    upload never sits in memory nor holds the database from other tenants' submissions. Until
+    its last row is in, the job is `uploading`: no worker, listing or queue count sees it, and
+    any bad item removes it whole, so nothing half-made is ever seen. The tenant's queue limit
+    is then checked and the job made `queued` in one step, under a per-tenant lock.
     """
     model = get_prepared(settings.model_dir, options.model)
+    if options.callback_url is not None:
+        _check_callback(options, settings)
     spec = options.spec()
     queued = queued_items(session, tenant)
     job = Job(
         tenant=tenant,
         model=options.model,
+        status=JobStatus.UPLOADING,
         params=spec.params.model_dump(),
         prefix=spec.prefix or None,
         chat=spec.chat,
@@ -217,46 +294,130 @@ def store_job(
         template=template,
         meta=options.metadata,
         callback_url=str(options.callback_url) if options.callback_url else None,
+        webhook_status="pending" if options.callback_url else None,
         idempotency_key=idempotency_key,
+        request_hash=request_hash,
         priority=priority,
     )
     session.add(job)
-    # With a key, the row goes in first: a concurrent retry waits here on the unique key.
-    session.flush()
-    size, total = settings.chunk_size, 0
-    iterator = iter(items)
-    while batch := list(islice(iterator, INSERT_BATCH)):
-        if total + len(batch) > settings.max_items:
-            raise InvalidRequest(
-                [FieldError("file", f"more rows than the limit of {settings.max_items}")]
-            )
-        if queued + total + len(batch) > settings.max_queued_items:
-            raise TooManyQueued(queued, settings.max_queued_items)
-        _check_prompt_chars(batch, settings.max_prompt_chars)
-        if check_context:
-            _check_context(model, options, batch)
-        insert_items(session, job.id, batch, total, size)
-        total += len(batch)
-    if total == 0:
-        raise InvalidRequest([FieldError("file", "holds no rows")])
-    job.total = total
-    job.columns = list(columns) if columns is not None else None
+    # With a key, a concurrent retry fails here on the unique key, and finds this job.
     session.commit()
+    try:
+        total = _insert_all(session, job, options, model, items, settings, queued, check_context)
+        if unique_ids:
+            _check_unique_ids(session, job.id)
+        job.total = total
+        job.column_types = columns.types if columns is not None else None
+        job.columns = list(columns.types) if columns is not None else None
+        _publish(session, job, settings)
+    except BaseException:
+        session.rollback()
+        _remove(session, job.id)
+        raise
+    size = settings.chunk_size
     sizes = [min(size, total - start) for start in range(0, total, size)]
     try:
         enqueue_chunks(job.id, job.model, list(enumerate(sizes)), priority)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
         # Nothing half-done stays behind: the job is removed and the caller may simply retry.
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
-        session.execute(delete(Job).where(Job.id == job.id))
-        session.commit()
-        raise ServiceUnavailable(
-            f"the job queue is unreachable ({exc}); nothing was stored"
-        ) from exc
+        _remove(session, job.id)
+        raise ServiceUnavailable("the job queue is unreachable; nothing was stored") from exc
     job.dispatched_at = utcnow()
     session.commit()
     log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job
+
+
+def _check_callback(options: JobOptions, settings: Settings) -> None:
+    try:
+        check_url(httpx.URL(str(options.callback_url)), Allowlist.parse(settings.webhook_allow))
+    except TargetRefused as exc:
+        raise InvalidRequest([FieldError("callback_url", str(exc))]) from None
+
+
+def _insert_all(
+    session: Session,
+    job: Job,
+    options: JobOptions,
+    model: PreparedModel,
+    items: Iterable[NewItem],
+    settings: Settings,
+    queued: int,
+    check_context: bool,
+) -> int:
+    size, total = settings.chunk_size, 0
+    iterator = iter(items)
+    while batch := list(islice(iterator, INSERT_BATCH)):
+        if total + len(batch) > settings.max_items:
+            raise _file_error(f"more rows than the limit of {settings.max_items}")
+        # An early refusal, before the rows are stored; _publish makes the exact check.
+        if queued + total + len(batch) > settings.max_queued_items:
+            raise TooManyQueued(queued, settings.max_queued_items)
+        _check_prompt_chars(batch, settings.max_prompt_chars)
+        if check_context:
+            _check_context(model, options, batch)
+        insert_items(session, job.id, batch, total, size)
+        session.commit()
+        total += len(batch)
+    if total == 0:
+        raise _file_error("holds no rows")
+    return total
+
+
+def _check_unique_ids(session: Session, job_id: str) -> None:
+    repeated = session.execute(
+        select(Item.custom_id, func.min(Item.index), func.max(Item.index))
+        .where(Item.job_id == job_id)
+        .group_by(Item.custom_id)
+        .having(func.count() > 1)
+        .order_by(func.min(Item.index))
+        .limit(1)
+    ).first()
+    if repeated is not None:
+        custom_id, first, last = repeated
+        raise _file_error(f"rows {first + 1} and {last + 1} both have the id '{custom_id}'")
+
+
+def _publish(session: Session, job: Job, settings: Settings) -> None:
+    """Make the stored job `queued` unless that puts its tenant over the queue limit.
+
+    The job's own update comes first: on SQLite it takes the database's write lock, so the
+    count after it sees every other publication; PostgreSQL takes a lock on the tenant.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": job.tenant}
+        )
+    published = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.UPLOADING)
+        .values(
+            status=JobStatus.QUEUED,
+            total=job.total,
+            columns=job.columns,
+            column_types=job.column_types,
+        )
+    ).rowcount
+    if not published:
+        raise Conflict(f"job '{job.id}' was cancelled while its rows went in", "job_id")
+    queued = queued_items(session, job.tenant)
+    if queued > settings.max_queued_items:
+        raise TooManyQueued(queued - job.total, settings.max_queued_items)
+    session.commit()
+    session.refresh(job)
+
+
+def _remove(session: Session, job_id: str) -> None:
+    """Delete a job that never was: its rows a batch at a time, so the database stays free."""
+    while session.execute(
+        delete(Item).where(
+            Item.id.in_(select(Item.id).where(Item.job_id == job_id).limit(INSERT_BATCH))
+        )
+    ).rowcount:
+        session.commit()
+    session.execute(delete(Job).where(Job.id == job_id))
+    session.commit()
 
 
 # Item columns written at submission; the last three hold JSON.
@@ -296,6 +457,13 @@ def find_submission(session: Session, tenant: str, idempotency_key: str) -> Job 
     return session.scalar(
         select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key)
     )
+
+
+def same_submission(job: Job, request_hash: str) -> Job:
+    """The job a retry asks for; a different request under its key is refused."""
+    if job.request_hash is not None and job.request_hash != request_hash:
+        raise IdempotencyKeyReused()
+    return job
 
 
 def get_job(session: Session, job_id: str, tenant: str) -> Job:

@@ -21,6 +21,9 @@ class Template:
         except ValueError as exc:
             raise TemplateError(f"not a valid template: {exc}") from None
         self.fields: list[str] = []
+        # Placeholders in order, repeats included, and the fixed text's length around them.
+        self.slots: list[str] = [name for _, name, _, _ in parsed if name is not None]
+        self.fixed_chars = sum(len(literal) for literal, _, _, _ in parsed)
         for _literal, name, spec, conversion in parsed:
             if name is None:
                 continue
@@ -39,6 +42,14 @@ class Template:
     def missing(self, row: Mapping[str, Any]) -> list[str]:
         return [name for name in self.fields if name not in row]
 
+    def rendered_length(self, row: Mapping[str, Any]) -> int:
+        """How long the row's prompt would be, known without making it (a long template that
+        repeats a big field could otherwise fill memory before any length check)."""
+        return self.fixed_chars + sum(len(_text(row[name])) for name in self.slots)
+
     def render(self, row: Mapping[str, Any]) -> str:
-        values = {name: "" if row[name] is None else row[name] for name in self.fields}
-        return self.text.format_map(values)
+        return self.text.format_map({name: _text(row[name]) for name in self.fields})
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)

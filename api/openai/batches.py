@@ -17,13 +17,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api.jobs import service as jobs
+from api.jobs.ingest import text_problem
 from api.jobs.schemas import JobOptions
 from api.jobs.service import MAX_ID, NewItem
 from api.openai import files
 from api.openai.schemas import BatchCreate, CompletionRequest, answer_body, unix
 from api.paging import item_pages
 from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
-from gemma_batch.errors import NotFound
+from gemma_batch.errors import FieldError, InvalidRequest, NotFound
 from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import Settings
 from gemma_batch.store.tables import Batch, Item, Job, utcnow
@@ -44,16 +45,31 @@ def read_requests(
     errors: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     model = None
+    limit = settings.max_row_bytes
     with files.path_of(settings, file_id).open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+        for number, raw in enumerate(iter(lambda: lines.readline(limit + 1), b""), start=1):
             if len(errors) >= MAX_ERRORS:
+                break
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                message = f"line {number} is over the limit of {limit} bytes"
+                errors.append(_error(number, "line_too_long", message))
                 break
             if not raw.strip():
                 continue
             try:
-                line = json.loads(raw)
+                text = raw.decode("utf-8")
+                line = json.loads(text)
                 if not isinstance(line, dict):
                     raise ValueError("not a JSON object")
+                # Escapes can spell what no database stores as text.
+                if "\\u" in text and (
+                    problem := text_problem(json.dumps(line, ensure_ascii=False))
+                ):
+                    raise ValueError(problem)
+            except UnicodeDecodeError as exc:
+                message = f"line {number}: not UTF-8 text (byte {exc.start + 1})"
+                errors.append(_error(number, "invalid_json_line", message))
+                continue
             except ValueError as exc:
                 errors.append(_error(number, "invalid_json_line", f"line {number}: {exc}"))
                 continue
@@ -91,12 +107,14 @@ def read_requests(
                 message = f"every request must use one model ({model}), not {body.model}"
                 errors.append(_error(number, "mismatched_model", message, "body.model"))
                 continue
+            if len(requests) == settings.max_batch_requests:
+                # Counted as the file is read: a huge file is refused without parsing it all.
+                message = f"more than {settings.max_batch_requests} requests"
+                errors.append(_error(None, "too_many_requests", message))
+                break
             requests.append((custom_id, body))
     if not requests and not errors:
         errors.append(_error(None, "empty_file", "the batch file holds no requests"))
-    if len(requests) > settings.max_batch_requests:
-        message = f"more than {settings.max_batch_requests} requests"
-        errors.append(_error(None, "too_many_requests", message))
     return requests, errors
 
 
@@ -110,7 +128,10 @@ def _reason(exc: Exception) -> str:
 
 def create_batch(session: Session, settings: Settings, body: BatchCreate, tenant: str) -> Batch:
     """Validate the input file and start its job; an unusable file gives a failed batch."""
-    files.get_file(session, body.input_file_id, tenant)
+    if files.get_file(session, body.input_file_id, tenant).purpose != "batch":
+        raise InvalidRequest(
+            [FieldError("input_file_id", "the input file must be uploaded with purpose 'batch'")]
+        )
     now = utcnow()
     batch = Batch(
         tenant=tenant,

@@ -15,6 +15,7 @@ from gemma_batch.settings import Settings
 from gemma_batch.store.tables import File
 
 COPY_BLOCK = 1 << 20
+UPLOAD_PURPOSES = ("batch", "user_data")
 
 
 def path_of(settings: Settings, file_id: str) -> Path:
@@ -30,8 +31,15 @@ def save_upload(
     tenant: str,
 ) -> File:
     """Copy an upload into the files folder block by block, then record it."""
-    if purpose not in ("batch", "batch_output"):
-        raise InvalidRequest([FieldError("purpose", "only 'batch' files are supported")])
+    # batch_output files are the service's own (a batch's results): nobody uploads one.
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            [
+                FieldError(
+                    "purpose", f"'{purpose[:64]}' cannot be uploaded; use 'batch' or 'user_data'"
+                )
+            ]
+        )
     blocks = iter(lambda: upload.read(COPY_BLOCK), b"")
     return save_blocks(session, settings, blocks, filename, purpose, tenant)
 
@@ -56,7 +64,7 @@ def save_blocks(
             for block in blocks:
                 size += len(block)
                 # The limit is for what callers upload; results are as large as they are.
-                if purpose == "batch" and size > settings.max_file_bytes:
+                if purpose in UPLOAD_PURPOSES and size > settings.max_file_bytes:
                     raise PayloadTooLarge(
                         f"the file is larger than {settings.max_file_bytes} bytes"
                     )

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gemma_batch.domain.json_schema import check_schema
-from gemma_batch.domain.params import GenerationParams
+from gemma_batch.domain.params import GenerationParams, check_stops
 from gemma_batch.store.tables import Batch, File, Item, as_utc
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -75,6 +75,7 @@ class CompletionRequest(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > 8 or not all(stops):
             raise ValueError("stop takes at most 8 non-empty strings")
+        check_stops(stops)
         return value
 
     @field_validator("response_format")

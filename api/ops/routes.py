@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 from functools import cache
 from pathlib import Path
+from typing import Annotated
 
 import redis
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
@@ -14,6 +17,7 @@ from sqlalchemy import text
 from api.deps import SessionDep, SettingsDep
 from api.ops.metrics import StoreCollector
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 registry = CollectorRegistry()
 registry.register(StoreCollector())
@@ -22,11 +26,13 @@ registry.register(StoreCollector())
 def _broker_ok(url: str) -> str:
     # A plain ping with short timeouts: kombu's own connection check retries for much longer, and
     # probes piling up on a dead broker would hold the threads submissions need to answer 503.
+    # The exception's text stays in the log: it may name hosts and users.
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
         return "ok"
     except Exception as exc:  # any failure to connect means the same: not reachable
-        return f"unreachable: {exc}"
+        log.warning("health check: broker unreachable: %s", exc)
+        return "unreachable"
 
 
 @router.get("/healthz", tags=["health"])
@@ -35,7 +41,8 @@ def healthz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
         session.execute(text("SELECT 1"))
         database = "ok"
     except Exception as exc:  # any failure means the store is not usable
-        database = f"unreachable: {exc.__class__.__name__}"
+        log.warning("health check: database unreachable: %s", exc)
+        database = "unreachable"
     broker = _broker_ok(settings.broker_url)
     healthy = database == "ok" and broker == "ok"
     body = {"status": "ok" if healthy else "degraded", "database": database, "broker": broker}
@@ -43,8 +50,19 @@ def healthz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response, tags=["operations"])
-def metrics() -> Response:
-    """Gauges of jobs, items and queue depths, read at each scrape."""
+def metrics(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> Response:
+    """Gauges of jobs, items and queue depths (with GEMMA_BATCH_METRICS_TOKEN, for its bearer
+    only)."""
+    if settings.metrics_token is not None:
+        expected = f"Bearer {settings.metrics_token.get_secret_value()}"
+        if not hmac.compare_digest((authorization or "").encode(), expected.encode()):
+            return Response(
+                "a bearer token is needed (GEMMA_BATCH_METRICS_TOKEN)\n",
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

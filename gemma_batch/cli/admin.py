@@ -105,16 +105,32 @@ def run_worker(
     raise typer.Exit(run_workers(settings, gpu_ids, device, loglevel))
 
 
-def run_flower(port: Annotated[int, typer.Option(help="Port Flower serves on.")] = 5555) -> None:
-    """Start Flower on the configured broker (basic auth from GEMMA_BATCH_FLOWER_AUTH)."""
+def run_flower(
+    port: Annotated[int, typer.Option(help="Port Flower serves on.")] = 5555,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve without a password, on 127.0.0.1 only.")
+    ] = False,
+) -> None:
+    """Start Flower on the configured broker, behind basic auth (GEMMA_BATCH_FLOWER_AUTH)."""
     import os
     import sys
 
     settings = get_settings()
+    # Flower lists every tenant's tasks: open to all interfaces only behind a password.
+    if settings.flower_auth is None and not no_auth:
+        typer.echo(
+            "Flower shows every tenant's jobs: set GEMMA_BATCH_FLOWER_AUTH=user:password, or "
+            "pass --no-auth to serve it without one on 127.0.0.1 only.",
+            err=True,
+        )
+        raise typer.Exit(2)
     # Flower needs the Celery app and the broker, not the worker's code.
     app = "gemma_batch.dispatch.queues:celery_app"
     command = [sys.executable, "-m", "celery", "-A", app, "flower", f"--port={port}"]
-    if settings.flower_auth:
+    if no_auth:
+        command.append("--address=127.0.0.1")
+        os.environ.pop("FLOWER_BASIC_AUTH", None)
+    elif settings.flower_auth:
         # Through the environment, not the command line, which any local user can read.
         os.environ["FLOWER_BASIC_AUTH"] = settings.flower_auth.get_secret_value()
     os.execv(sys.executable, command)

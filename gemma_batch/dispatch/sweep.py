@@ -18,11 +18,11 @@ from collections import defaultdict
 from datetime import timedelta
 
 import redis
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.dispatch.queues import RUN_CHUNK, enqueue_chunks, queue_name
-from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus
+from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
 from gemma_batch.settings import Settings
 from gemma_batch.store.claims import lease_free
 from gemma_batch.store.sessions import session_scope
@@ -34,6 +34,9 @@ LOCK = "gemma-batch:reconciler"
 # A job whose enqueueing never finished (its API stopped) is swept after this many graces:
 # a huge upload may still be sending its chunks well after the job was created.
 UNDISPATCHED_GRACES = 10
+# An upload still going in after this long has lost its API process (a 1M-row upload takes
+# about a minute).
+STALE_UPLOAD_HOURS = 6
 
 
 def _chunk_of(message: dict) -> tuple[str, int] | None:  # type: ignore[type-arg]
@@ -87,9 +90,21 @@ def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, 
     return found
 
 
+def drop_stale_uploads(session: Session) -> None:
+    """Remove jobs whose upload stopped (its API process died): they never became visible."""
+    cutoff = utcnow() - timedelta(hours=STALE_UPLOAD_HOURS)
+    stale = session.execute(
+        delete(Job).where(Job.status == JobStatus.UPLOADING, Job.created_at < cutoff)
+    ).rowcount
+    session.commit()
+    if stale:
+        log.warning("removed %s jobs whose upload never finished", stale)
+
+
 def sweep(client: redis.Redis, grace: float) -> int:
     """Send again every stranded chunk with no message in the broker; how many were sent."""
     with session_scope() as session:
+        drop_stale_uploads(session)
         lost = stranded(session, grace)
         if not lost:
             return 0

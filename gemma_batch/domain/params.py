@@ -4,30 +4,44 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gemma_batch.settings import get_settings
+
+# Logits divided by a smaller temperature overflow to inf; so close to 0 greedy is the same answer.
+MIN_TEMPERATURE = 0.01
 
 
 class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(64, ge=1, le=8192)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="0 means greedy decoding; below 0.01 counts as 0."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1000, description="0 means no top-k cut.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=8)
 
-    def to_generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for transformers' `generate` (stop strings are the engine's job)."""
-        if self.temperature == 0.0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k or None,
-        }
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_when_tiny(cls, temperature: float) -> float:
+        return 0.0 if temperature < MIN_TEMPERATURE else temperature
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, stops: list[str]) -> list[str]:
+        return check_stops(stops)
+
+
+def check_stops(stops: list[str]) -> list[str]:
+    """Stop strings of at most GEMMA_BATCH_MAX_STOP_CHARS each (their count is checked apart)."""
+    limit = get_settings().max_stop_chars
+    for index, stop in enumerate(stops):
+        if len(stop) > limit:
+            raise ValueError(f"stop[{index}] is {len(stop)} characters, over the limit of {limit}")
+    return stops
 
 
 class JobSpec(BaseModel):

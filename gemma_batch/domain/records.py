@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 
 class JobStatus(StrEnum):
+    UPLOADING = "uploading"  # its rows are still going in: no worker or listing sees it yet
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -78,6 +79,14 @@ class Counts(BaseModel):
     failed: int
 
 
+class WebhookState(BaseModel):
+    """How a job's webhook is doing: pending until received (or given up on)."""
+
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+
+
 class JobRead(BaseModel):
     """A job as `GET /v1/jobs/{id}` shows it, as its webhook carries it, as the client reads it."""
 
@@ -91,3 +100,4 @@ class JobRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    webhook: WebhookState | None = None

@@ -100,11 +100,19 @@ class Job(Base):
     columns: Mapped[list[str] | None] = mapped_column(JSON)
     # "metadata" is reserved on declarative classes, hence the attribute name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    # Where to POST the signed job summary once the job is over, and how that went.
+    # Where to POST the signed job summary once the job is over, and how that went: the outbox
+    # (pending until received or given up; the next attempt not before webhook_next_at).
     callback_url: Mapped[str | None] = mapped_column(Text)
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     webhook_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     webhook_error: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # SHA-256 of what was submitted with the key: the same key with another body is refused.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    # Each uploaded field's type over all rows (int, float, bool, text), for typed exports.
+    column_types: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Set once every chunk is enqueued; the reconciler leaves jobs alone until then.
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -128,6 +136,13 @@ class Item(Base):
             "ix_items_pending",
             "job_id",
             "index",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # The rows leased right now, counted for /metrics without walking the queued ones.
+        Index(
+            "ix_items_leased",
+            "lease_until",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
         ),
