@@ -15,24 +15,26 @@ Row = TypeVar("Row")
 ITEM_PAGE = 1000
 
 
-def newest_first(
+def page(
     session: Session,
     model: type[Row],
     tenant: str,
     limit: int,
     after: str | None,
     where: Sequence[ColumnElement[bool]] = (),
+    newest: bool = True,
 ) -> tuple[list[Row], bool]:
-    """A page of the tenant's rows newest first (ids sort by creation); `after` is the previous
-    page's last id.
+    """A page of the tenant's rows, newest first unless `newest` is false (ids sort by
+    creation); `after` is the previous page's last id.
 
     Also says whether more rows follow.
     """
     column = model.id  # type: ignore[attr-defined]
     owner = model.tenant  # type: ignore[attr-defined]
-    query = select(model).where(owner == tenant, *where).order_by(column.desc()).limit(limit + 1)
+    order = column.desc() if newest else column.asc()
+    query = select(model).where(owner == tenant, *where).order_by(order).limit(limit + 1)
     if after:
-        query = query.where(column < after)
+        query = query.where(column < after if newest else column > after)
     rows = list(session.scalars(query))
     return rows[:limit], len(rows) > limit
 

@@ -25,10 +25,14 @@ class AppError(Exception):
         self.param = param
 
     def body(self) -> dict[str, object]:
-        error = {"type": self.type, "message": self.message, "param": self.param}
-        if self.code is not None:
-            error["code"] = self.code
-        return {"error": error}
+        return {
+            "error": {
+                "type": self.type,
+                "message": self.message,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class InvalidRequest(AppError):
@@ -55,6 +59,7 @@ class Unauthorized(AppError):
 
     status_code = 401
     type = "authentication_error"
+    code = "invalid_api_key"
     headers = {"WWW-Authenticate": "Bearer"}
 
     def __init__(self) -> None:
@@ -123,6 +128,7 @@ class ModelNotPrepared(AppError):
     """A worker or the API asked for a model that is not in the local model cache."""
 
     status_code = 422
+    code = "model_not_found"
 
     def __init__(self, name: str) -> None:
         super().__init__(

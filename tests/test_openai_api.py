@@ -159,8 +159,10 @@ def test_a_request_that_fails_at_run_time_goes_to_the_error_file(
         f"ok-{i}" for i in range(5)
     }
     (failed,) = _jsonl(client, done.error_file_id)
-    assert failed["custom_id"] == "too-long" and failed["response"] is None
-    assert failed["error"]["code"] == "context_length_exceeded"
+    # As OpenAI writes a request that failed: its HTTP answer, the error in the body.
+    assert failed["custom_id"] == "too-long" and failed["error"] is None
+    assert failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["code"] == "context_length_exceeded"
 
 
 def test_chat_completion_and_models(client: OpenAI) -> None:
@@ -175,11 +177,11 @@ def test_chat_completion_and_models(client: OpenAI) -> None:
     )
     assert text.object == "text_completion" and text.usage.completion_tokens <= 3
     assert TINY in [model.id for model in client.models.list()]
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.NotFoundError, match="unknown model 'gemma-99b'"):
         client.chat.completions.create(
             model="gemma-99b", messages=[{"role": "user", "content": "x"}]
         )
-    with pytest.raises(openai.UnprocessableEntityError, match="at most 8 non-empty"):
+    with pytest.raises(openai.BadRequestError, match="at most 8 non-empty"):
         client.chat.completions.create(
             model=TINY, messages=[{"role": "user", "content": "x"}], stop=[str(i) for i in range(9)]
         )

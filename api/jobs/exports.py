@@ -56,8 +56,10 @@ class CsvExport:
         writer.writeheader()
         for page in iter_pages(job.id):
             for row in page:
-                probs = row.get("label_probs")
-                writer.writerow(row | {"label_probs": json.dumps(probs) if probs else None})
+                # Structured values (label probabilities, logprobs, the caller's lists) as JSON.
+                writer.writerow(
+                    {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
+                )
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()

@@ -19,7 +19,7 @@ from api.jobs import service as jobs
 from api.jobs.exports import EXPORTS
 from api.jobs.forms import job_request_body, parse_form, parse_json
 from api.jobs.schemas import FileJob, JobCreate, JobList, job_read
-from api.paging import newest_first
+from api.paging import page
 from gemma_batch.domain.records import JobRead, JobStatus
 from gemma_batch.errors import FieldError, InvalidRequest
 from gemma_batch.settings import Settings
@@ -117,11 +117,11 @@ def list_jobs(
 ) -> JobList:
     # A job still taking its rows in is not listed until they are all in.
     visible = [Job.status != JobStatus.UPLOADING]
-    page, has_more = newest_first(session, Job, tenant, limit, after, visible)
+    jobs_page, has_more = page(session, Job, tenant, limit, after, visible)
     return JobList(
-        data=[job_read(job) for job in page],
+        data=[job_read(job) for job in jobs_page],
         has_more=has_more,
-        last_id=page[-1].id if page else None,
+        last_id=jobs_page[-1].id if jobs_page else None,
     )
 
 

@@ -21,15 +21,16 @@ from api.jobs.ingest import text_problem
 from api.jobs.schemas import JobOptions
 from api.jobs.service import MAX_ID, NewItem
 from api.openai import files
-from api.openai.schemas import BatchCreate, CompletionRequest, answer_body, unix
+from api.openai.schemas import CONTEXT_ERROR, BatchCreate, CompletionRequest, answer_body, unix
 from api.paging import item_pages
 from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
-from gemma_batch.errors import FieldError, InvalidRequest, NotFound
+from gemma_batch.errors import AppError, FieldError, InvalidRequest, NotFound
 from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import Settings
 from gemma_batch.store.tables import Batch, Item, Job, utcnow
 
 MAX_ERRORS = 100
+LINES_AT_ONCE = 500  # lines gathered before they are written out
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -102,6 +103,9 @@ def read_requests(
             except (ValidationError, ValueError) as exc:
                 errors.append(_error(number, "invalid_request", _reason(exc), "body"))
                 continue
+            except AppError as exc:  # a parameter the service does not honour, named
+                errors.append(_error(number, "invalid_request", exc.message, f"body.{exc.param}"))
+                continue
             model = model or body.model
             if body.model != model:
                 message = f"every request must use one model ({model}), not {body.model}"
@@ -156,16 +160,12 @@ def create_batch(session: Session, settings: Settings, body: BatchCreate, tenant
         session.commit()
         return batch
     model = requests[0][1].model
-    chat = body.endpoint == "/v1/chat/completions"
+    # A request asking for several answers (n, or several prompts) is several items in a row,
+    # under its custom_id; its output line gathers them again.
     items = (
-        NewItem(
-            f"line {index + 1}",
-            custom_id,
-            prompt=None if chat else request.prompt,
-            messages=request.chat_messages() if chat else None,
-            params=request.item_params(),
-        )
-        for index, (custom_id, request) in enumerate(requests)
+        NewItem(f"line {number + 1}", custom_id, prompt, messages, params=params)
+        for number, (custom_id, request) in enumerate(requests)
+        for prompt, messages, params in request.choices()
     )
     options = JobOptions(model=model, metadata={"batch": "yes"})
     # Too-long requests are answered in the error file at run time, not refused here.
@@ -260,28 +260,64 @@ def _finalize(session: Session, settings: Settings, batch: Batch, job: Job, fina
     session.commit()
 
 
+def _requests(job_id: str) -> Iterator[list[Item]]:
+    """The job's items grouped by the request they answer (its items are consecutive)."""
+    group: list[Item] = []
+    for page in item_pages(job_id, list(ItemStatus)):
+        for item in page:
+            if group and item.custom_id != group[0].custom_id:
+                yield group
+                group = []
+            group.append(item)
+    if group:
+        yield group
+
+
 def _lines(batch: Batch, job: Job, created: int, ok: bool, final: str) -> Iterator[bytes]:
     """Output lines (answers) or error lines (failures, and what an expiry left undone)."""
-    wanted = [ItemStatus.COMPLETED] if ok else [ItemStatus.FAILED]
-    if not ok and final == "expired":
-        wanted += [ItemStatus.CANCELLED, ItemStatus.PENDING]
-    for items in item_pages(job.id, wanted):
-        yield "".join(json.dumps(_line(batch, item, created)) + "\n" for item in items).encode()
+    lines = []
+    for items in _requests(job.id):
+        line = _line(batch, items, created, final)
+        if (
+            line is not None
+            and (line["error"] is None and line["response"]["status_code"] == 200) == ok
+        ):
+            lines.append(json.dumps(line) + "\n")
+        if len(lines) >= LINES_AT_ONCE:
+            yield "".join(lines).encode()
+            lines = []
+    if lines:
+        yield "".join(lines).encode()
 
 
-def _line(batch: Batch, item: Item, created: int) -> dict[str, Any]:
-    line_id = f"batch_req_{item.job_id}_{item.index}"
-    if item.status == ItemStatus.COMPLETED:
-        body = answer_body(item, batch.model or "", batch.endpoint, created)
-        response = {
-            "status_code": 200,
-            "request_id": f"req_{item.job_id}_{item.index}",
-            "body": body,
+def _line(batch: Batch, items: list[Item], created: int, final: str) -> dict[str, Any] | None:
+    """One request's line, in OpenAI's shape; None for a request a cancel left undone."""
+    first = items[0]
+    line_id = f"batch_req_{first.job_id}_{first.index}"
+    request_id = f"req_{first.job_id}_{first.index}"
+    statuses = {item.status for item in items}
+    if statuses == {ItemStatus.COMPLETED}:
+        body = answer_body(items, batch.model or "", batch.endpoint, created)
+        response = {"status_code": 200, "request_id": request_id, "body": body}
+        return {"id": line_id, "custom_id": first.custom_id, "response": response, "error": None}
+    failed = next((item for item in items if item.status == ItemStatus.FAILED), None)
+    if failed is not None:
+        # As OpenAI writes a request that failed: its HTTP answer, with the error in the body.
+        message = failed.error or "generation failed"
+        context = CONTEXT_ERROR in message
+        error = {
+            "message": message,
+            "type": "invalid_request_error" if context else "server_error",
+            "param": None,
+            "code": "context_length_exceeded" if context else "generation_failed",
         }
-        return {"id": line_id, "custom_id": item.custom_id, "response": response, "error": None}
-    if item.status == ItemStatus.FAILED:
-        code = "context_length_exceeded" if "context" in (item.error or "") else "generation_failed"
-        error = {"code": code, "message": item.error}
-    else:
-        error = {"code": "batch_expired", "message": "the batch expired before this request ran"}
-    return {"id": line_id, "custom_id": item.custom_id, "response": None, "error": error}
+        response = {
+            "status_code": 400 if context else 500,
+            "request_id": request_id,
+            "body": {"error": error},
+        }
+        return {"id": line_id, "custom_id": first.custom_id, "response": response, "error": None}
+    if final != "expired":
+        return None
+    error = {"code": "batch_expired", "message": "the batch expired before this request ran"}
+    return {"id": line_id, "custom_id": first.custom_id, "response": None, "error": error}

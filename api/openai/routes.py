@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.openai import batches, files
 from api.openai.completions import complete
-from api.openai.schemas import BatchCreate, BatchObject, CompletionRequest, FileObject
-from api.paging import newest_first
-from gemma_batch.models.cache import prepared_names
+from api.openai.schemas import (
+    BatchCreate,
+    BatchObject,
+    CompletionRequest,
+    FileObject,
+    ModelObject,
+)
+from api.paging import page
+from gemma_batch.models.cache import PreparedModel, get_prepared, prepared_names
 from gemma_batch.store.tables import Batch, File
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _page_of(data: list[FileObject] | list[BatchObject], has_more: bool) -> dict[str, Any]:
+    """A page of a list, as OpenAI's list endpoints answer it."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+        "has_more": has_more,
+    }
 
 
 # --- Files: batch input and output files ---------------------------------------------------
@@ -45,11 +62,11 @@ def list_files(
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
     where = [File.purpose == purpose] if purpose else []
-    found, has_more = newest_first(session, File, tenant, limit, after, where)
-    data = [FileObject.of(record) for record in found]
-    return {"object": "list", "data": data, "has_more": has_more}
+    found, has_more = page(session, File, tenant, limit, after, where, newest=order == "desc")
+    return _page_of([FileObject.of(record) for record in found], has_more)
 
 
 @router.get("/files/{file_id}")
@@ -98,17 +115,11 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: str | None = None,
 ) -> dict[str, Any]:
-    found, has_more = newest_first(session, Batch, tenant, limit, after)
+    found, has_more = page(session, Batch, tenant, limit, after)
     data = [
         _batch_object(session, batches.get_batch(session, settings, b.id, tenant)) for b in found
     ]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0].id if data else None,
-        "last_id": data[-1].id if data else None,
-        "has_more": has_more,
-    }
+    return _page_of(data, has_more)
 
 
 @router.get("/batches/{batch_id}")
@@ -130,22 +141,31 @@ def cancel_batch(
 
 @router.post("/chat/completions")
 async def chat_completions(
-    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+    body: CompletionRequest, request: Request, settings: SettingsDep, tenant: TenantDep
 ) -> dict[str, Any]:
     """Answered by the workers through the job queue, ahead of batch work."""
-    return await complete(body, "/v1/chat/completions", settings, tenant)
+    return await complete(body, "/v1/chat/completions", settings, tenant, request.is_disconnected)
 
 
 @router.post("/completions")
 async def completions(
-    body: CompletionRequest, settings: SettingsDep, tenant: TenantDep
+    body: CompletionRequest, request: Request, settings: SettingsDep, tenant: TenantDep
 ) -> dict[str, Any]:
-    return await complete(body, "/v1/completions", settings, tenant)
+    return await complete(body, "/v1/completions", settings, tenant, request.is_disconnected)
+
+
+def _model_object(model: PreparedModel) -> ModelObject:
+    return ModelObject(id=model.name, created=model.prepared_at)
 
 
 @router.get("/models")
 def models(settings: SettingsDep) -> dict[str, Any]:
     """The models prepared here, which the workers can serve."""
     names = prepared_names(settings.model_dir)
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "gemma-batch"} for n in names]
+    data = [_model_object(get_prepared(settings.model_dir, name)) for name in names]
     return {"object": "list", "data": data}
+
+
+@router.get("/models/{model}")
+def model(model: str, settings: SettingsDep) -> ModelObject:
+    return _model_object(get_prepared(settings.model_dir, model))

@@ -5,10 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from gemma_batch.domain.json_schema import check_schema
 from gemma_batch.domain.params import GenerationParams, check_stops
+from gemma_batch.errors import FieldError, InvalidRequest
 from gemma_batch.store.tables import Batch, File, Item, as_utc
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -39,6 +48,13 @@ class FileObject(BaseModel):
         )
 
 
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gemma-batch"
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -51,23 +67,45 @@ class Message(BaseModel):
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
 
 
+# OpenAI parameters that change nothing here, with any value or with the values listed (clients
+# send some by default). Any other parameter, or another value, is refused: never ignored.
+ANY_VALUE = ("user", "metadata", "service_tier", "store", "stream_options", "parallel_tool_calls")
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+# What a worker's error says of a prompt past the model's context (worker/engine/engine.py).
+CONTEXT_ERROR = "exceeds the model's context"
+
+
 class CompletionRequest(BaseModel):
     """The body of a chat or text completion, as the `openai` client sends it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[Message] | None = Field(None, min_length=1)
-    prompt: str | None = None
+    prompt: str | list[str] | None = Field(
+        None, description=f"A prompt, or up to {MAX_PROMPTS} (text completions only)."
+    )
     max_tokens: int | None = Field(None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(None, ge=1, le=8192)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: str | list[str] | None = Field(None, description="Up to 8 non-empty strings.")
-    n: int = Field(1, ge=1, le=1, description="One answer per request.")
+    n: int = Field(1, ge=1, le=8, description="Answers per prompt.")
     stream: Literal[False] = False
     response_format: dict[str, Any] | None = None
+    logprobs: bool | int | None = Field(
+        None, description="Chat: true for each token's log-probability; completions: 0-5."
+    )
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Chat: alternatives, 0-20.")
 
     @field_validator("stop")
     @classmethod
@@ -76,6 +114,13 @@ class CompletionRequest(BaseModel):
         if len(stops) > 8 or not all(stops):
             raise ValueError("stop takes at most 8 non-empty strings")
         check_stops(stops)
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _few_prompts(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not 0 < len(value) <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
         return value
 
     @field_validator("response_format")
@@ -93,25 +138,78 @@ class CompletionRequest(BaseModel):
         return value
 
     def for_endpoint(self, endpoint: str) -> CompletionRequest:
+        """The request, if it suits the endpoint and asks for nothing this service does not do;
+        else an InvalidRequest naming the parameter."""
+
+        def refuse(param: str, message: str) -> InvalidRequest:
+            return InvalidRequest([FieldError(param, message)])
+
         chat = endpoint == "/v1/chat/completions"
         if chat and self.messages is None:
-            raise ValueError("a chat completion needs 'messages'")
+            raise refuse("messages", "a chat completion needs 'messages'")
         if not chat and self.prompt is None:
-            raise ValueError("a completion needs 'prompt'")
+            raise refuse("prompt", "a completion needs 'prompt'")
+        if chat and self.prompt is not None:
+            raise refuse("prompt", "a chat completion takes 'messages', not 'prompt'")
+        if not chat and self.messages is not None:
+            raise refuse("messages", "a text completion takes 'prompt', not 'messages'")
+        for name, value in (self.model_extra or {}).items():
+            if value is None or name in ANY_VALUE or value in NEUTRAL_VALUES.get(name, ()):
+                continue
+            raise refuse(name, f"'{name}' is not supported by this service")
+        if chat:
+            if self.logprobs is not None and not isinstance(self.logprobs, bool):
+                raise refuse("logprobs", "for chat completions, logprobs is true or false")
+            if self.top_logprobs is not None and self.logprobs is not True:
+                raise refuse("top_logprobs", "top_logprobs needs logprobs: true")
+        else:
+            if self.top_logprobs is not None:
+                raise refuse(
+                    "top_logprobs", "'top_logprobs' is for chat; completions take logprobs 0-5"
+                )
+            if self.logprobs is not None and (
+                isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 5
+            ):
+                raise refuse("logprobs", "for completions, logprobs is a number from 0 to 5")
         return self
 
     def item_params(self) -> dict[str, Any]:
-        """This request's generation settings, stored with its item."""
+        """This request's generation settings, stored with its items."""
+        chat_top = self.top_logprobs or 0
+        wanted = self.logprobs is not None and self.logprobs is not False
+        top = chat_top if isinstance(self.logprobs, bool) else int(self.logprobs or 0)
         params = GenerationParams(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or 256,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
+            logprobs=wanted,
+            top_logprobs=top if wanted else 0,
         ).model_dump()
         if self.response_format is not None:
             params["json_schema"] = self.response_format["json_schema"]["schema"]
         return params
+
+    def choices(self) -> list[tuple[str | None, list[dict[str, str]] | None, dict[str, Any]]]:
+        """(prompt, messages, params) of each answer asked for, in OpenAI's choice order: for
+        each prompt, `n` answers (each with its own seed, when a seed is given)."""
+        params = self.item_params()
+        prompts: list[str | None] = (
+            [None]
+            if self.prompt is None
+            else [self.prompt]
+            if isinstance(self.prompt, str)
+            else list(self.prompt)
+        )
+        messages = self.chat_messages()
+        made = []
+        for prompt in prompts:
+            for number in range(self.n):
+                seed = params["seed"]
+                own = params | {"seed": None if seed is None else (seed + number) % 2**32}
+                made.append((prompt, messages, own))
+        return made
 
     def chat_messages(self) -> list[dict[str, str]] | None:
         if self.messages is None:
@@ -120,35 +218,60 @@ class CompletionRequest(BaseModel):
         return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
 
 
-def answer_body(item: Item, model: str, endpoint: str, created: int) -> dict[str, Any]:
-    """A finished item as a chat.completion or text_completion object."""
-    usage = {
-        "prompt_tokens": item.prompt_tokens or 0,
-        "completion_tokens": item.completion_tokens or 0,
-        "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0),
-    }
-    if endpoint == "/v1/chat/completions":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": item.output or ""},
-            "finish_reason": item.finish_reason or "stop",
-            "logprobs": None,
-        }
-        kind, prefix = "chat.completion", "chatcmpl-"
-    else:
-        choice = {
-            "index": 0,
-            "text": item.output or "",
-            "finish_reason": item.finish_reason or "stop",
-            "logprobs": None,
-        }
-        kind, prefix = "text_completion", "cmpl-"
+def _chat_logprobs(item: Item) -> dict[str, Any] | None:
+    return None if item.logprobs is None else {"content": item.logprobs, "refusal": None}
+
+
+def _text_logprobs(item: Item) -> dict[str, Any] | None:
+    if item.logprobs is None:
+        return None
+    tokens = [step["token"] for step in item.logprobs]
+    offsets, offset = [], len(item.prompt or "")
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
     return {
-        "id": f"{prefix}{item.job_id}-{item.index}",
+        "tokens": tokens,
+        "token_logprobs": [step["logprob"] for step in item.logprobs],
+        "top_logprobs": [
+            {top["token"]: top["logprob"] for top in step["top_logprobs"]} for step in item.logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
+def answer_body(items: list[Item], model: str, endpoint: str, created: int) -> dict[str, Any]:
+    """A request's finished items (one per choice) as a chat.completion or text_completion."""
+    first = items[0]
+    # Each prompt's tokens count once, however many answers it was given.
+    prompts = {(item.prompt, str(item.messages)): item.prompt_tokens or 0 for item in items}
+    completion = sum(item.completion_tokens or 0 for item in items)
+    usage = {
+        "prompt_tokens": sum(prompts.values()),
+        "completion_tokens": completion,
+        "total_tokens": sum(prompts.values()) + completion,
+    }
+    chat = endpoint == "/v1/chat/completions"
+    choices = [
+        {
+            "index": index,
+            "finish_reason": item.finish_reason or "stop",
+            "logprobs": _chat_logprobs(item) if chat else _text_logprobs(item),
+        }
+        | (
+            {"message": {"role": "assistant", "content": item.output or "", "refusal": None}}
+            if chat
+            else {"text": item.output or ""}
+        )
+        for index, item in enumerate(items)
+    ]
+    kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+    return {
+        "id": f"{prefix}{first.job_id}-{first.index}",
         "object": kind,
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage,
     }
 
@@ -191,6 +314,11 @@ class BatchObject(BaseModel):
     cancelled_at: int | None
     request_counts: dict[str, int]
     metadata: dict[str, str] | None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI leaves out what a batch does not have yet (its schema has no nulls there).
+        return {key: value for key, value in handler(self).items() if value is not None}
 
     @classmethod
     def of(cls, batch: Batch, completed: int, failed: int) -> BatchObject:

@@ -23,6 +23,10 @@ class GenerationParams(BaseModel):
     top_k: int = Field(0, ge=0, le=1000, description="0 means no top-k cut.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=8)
+    logprobs: bool = Field(False, description="Return each generated token's log-probability.")
+    top_logprobs: int = Field(
+        0, ge=0, le=20, description="With logprobs: the most likely alternatives at each token."
+    )
 
     @field_validator("temperature")
     @classmethod

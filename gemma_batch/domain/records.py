@@ -62,6 +62,9 @@ class ItemResult:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Per token made, when asked for: {token, bytes, logprob, top_logprobs: [{token, bytes,
+    # logprob}]} (OpenAI's chat shape; its other shapes are made from this one).
+    logprobs: list[dict[str, Any]] | None = None
     error: str | None = None
 
     def stored(self) -> dict[str, Any]:

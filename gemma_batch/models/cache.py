@@ -21,6 +21,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 class UnknownModel(AppError):
     status_code = 422
+    code = "model_not_found"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "model")
@@ -52,6 +53,11 @@ class PreparedModel:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+    @property
+    def prepared_at(self) -> int:
+        """When the model was prepared here (its config written), in Unix seconds."""
+        return int((self.path / "config.json").stat().st_mtime)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]

@@ -167,6 +167,7 @@ class Item(Base):
     label_probs: Mapped[dict[str, float] | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     # Runs this item started; one that keeps killing its worker is failed (worker.chunk).
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,4 +1,4 @@
-"""webhook outbox columns, submitted-body hashes, uploaded column types, leased-items index
+"""webhook outbox, upload guards (body hashes, column types), leased-items index, logprobs
 
 Revision ID: 0008
 Revises: 0007
@@ -25,6 +25,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("webhook_next_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("request_hash", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("column_types", sa.JSON(), nullable=True))
+    with op.batch_alter_table("items", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("logprobs", sa.JSON(), nullable=True))
     op.create_index(
         "ix_items_leased",
         "items",
@@ -41,6 +43,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_items_leased", table_name="items")
+    with op.batch_alter_table("items", schema=None) as batch_op:
+        batch_op.drop_column("logprobs")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("column_types")
         batch_op.drop_column("request_hash")

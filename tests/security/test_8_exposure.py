@@ -64,7 +64,11 @@ def open_flower() -> Iterator[int]:
     process = _flower("--port", str(port), "--no-auth")
     yield port
     process.terminate()
-    process.communicate(timeout=30)
+    try:
+        process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # Flower may not heed SIGTERM while it starts up
+        process.kill()
+        process.communicate()
 
 
 def test_flower_without_auth_serves_loopback_only(open_flower: int) -> None:

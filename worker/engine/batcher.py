@@ -30,6 +30,13 @@ PREFIXES_KEPT = 4
 WIDTH_STEP = 64
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this step, most likely first
+
+
 @dataclass
 class Sampling:
     """How a row picks its next token; temperature 0 is greedy."""
@@ -54,6 +61,10 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     generator: torch.Generator | None = None
+    # With logprobs asked for, how many alternatives each step keeps (0: the pick's alone), and
+    # per token made: its log-probability and the alternatives', from the model's own logits.
+    top_logprobs: int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -272,6 +283,10 @@ class Batcher:
         return any(stop in tail for stop in row.stops)
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        # Log-probabilities come from the model's own logits, before any constraint or sampling
+        # setting reshapes them, as OpenAI reports them.
+        wanted = [i for i, row in enumerate(rows) if row.top_logprobs is not None]
+        logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
         constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
         if constrained:
             self._constrain(rows, logits, constrained)
@@ -279,6 +294,9 @@ class Batcher:
         for index, row in enumerate(rows):
             if row.sampling.temperature > 0:
                 picked[index] = self._sample(logits[index], row)
+        if logprobs is not None:
+            for position, index in enumerate(wanted):
+                _note_logprob(rows[index], logprobs[position], picked[index])
         return picked
 
     def _constrain(self, rows: list[Row], logits: torch.Tensor, indices: list[int]) -> None:
@@ -328,3 +346,11 @@ class Batcher:
                 self.rows.pop()
             else:
                 slot += 1
+
+
+def _note_logprob(row: Row, logprobs: torch.Tensor, token: int) -> None:
+    top: list[tuple[int, float]] = []
+    if row.top_logprobs:
+        values, ids = torch.topk(logprobs, row.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    row.logprobs.append(TokenLogprob(token, float(logprobs[token]), top))

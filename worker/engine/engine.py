@@ -21,7 +21,7 @@ from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import ItemResult, WorkItem
 from worker.engine import faults
-from worker.engine.batcher import Batcher, Row, Sampling
+from worker.engine.batcher import Batcher, Row, Sampling, TokenLogprob
 from worker.engine.labels import ChoiceScorer
 from worker.engine.prefix import PrefixCache, common_prefix, forward_suffixes
 from worker.engine.structured import JsonConstraint, check_json
@@ -151,6 +151,7 @@ class Engine:
             sampling=sampling,
             seed=params.seed,
             stops=params.stop,
+            top_logprobs=params.top_logprobs if params.logprobs else None,
             constraint=None if schema is None else self._json_constraint().matcher(schema),
             prefix=self._shared_prefix(encoded.ids, spec),
         )
@@ -203,8 +204,22 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=len(row.ids),
             completion_tokens=len(tokens),
+            logprobs=self._logprobs(row.logprobs[: len(tokens)]) if params.logprobs else None,
             error=error,
         )
+
+    def _logprobs(self, steps: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """Per token made: its text, log-probability and the top alternatives (OpenAI's terms)."""
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self._decode([token])
+            return {"token": text, "bytes": list(text.encode()), "logprob": logprob}
+
+        return [
+            entry(step.token, step.logprob)
+            | {"top_logprobs": [entry(token, logprob) for token, logprob in step.top]}
+            for step in steps
+        ]
 
     def label_batches(self, items: Sequence[WorkItem], spec: JobSpec) -> Iterator[list[ItemResult]]:
         """Label mode: results micro-batch by micro-batch, each under the token budget counted
