@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5 bench-quant
 
 setup:
 	scripts/bootstrap.sh demo
@@ -45,5 +45,10 @@ bench-e2e: bench-setup
 bench-w5: bench-setup
 	$(PY) -m bench.w5_sync
 
+# The torchao modes against bf16 fit the device's time; nf4 and int8 (bitsandbytes) are memory
+# savers, measured with --precisions when wanted.
 bench-gpu: bench-setup
-	$(PY) -m bench.gpu --out bench-gpu.json
+	$(PY) -m bench.gpu --precisions bf16,int8-wo,int4-wo,fp8 --out bench-gpu.json
+
+bench-quant: bench-setup
+	$(PY) -m bench.quant_cpu

@@ -7,9 +7,13 @@ For each model and precision, side by side:
 decode step time at batch 1 against the HBM roofline (weight bytes / measured copy bandwidth: at
 batch 1 every step reads every weight once), and output tokens/s at batch 1 to 256 (64-token
 prompts, 128 new tokens, EOS ignored).
-NF4 goes through the worker's own loader (bitsandbytes) from a saved copy of the bf16 weights.
+Each quantization (nf4 and int8 through bitsandbytes; int8-wo, int4-wo and fp8 through torchao)
+goes through the worker's own loader from a saved copy of the bf16 weights, and is measured at
+batch 1, 64 and 256 beside bf16, with the GPU memory its weights take and the peak of its runs; a
+mode the card has no kernels for is reported as skipped, with the loader's reason.
 
-    python -m bench.gpu [--archs gemma-2b,gemma-7b] [--budget SECONDS] [--out FILE]
+    python -m bench.gpu [--archs gemma-2b,gemma-7b] [--precisions bf16,int8-wo,...] [--budget S]
+                        [--out FILE]
     python -m bench.gpu --archs gemma-2b --profile   # where a batch-1 step's time goes
 
 `--archs gemma-tiny` runs the whole script in seconds, on the CPU too, to check it.
@@ -22,13 +26,14 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM
 
+from gemma_batch.settings import Settings
 from worker.engine.batcher import Batcher, Row
-from worker.engine.loader import load_weights
+from worker.engine.loader import UnsupportedQuantization, gpu_memory_bytes, load_weights
 
 ARCHS: dict[str, dict[str, int]] = {
     "gemma-2b": {
@@ -55,6 +60,10 @@ ARCHS: dict[str, dict[str, int]] = {
 }
 PROMPT, NEW = 64, 128
 SWEEP = (8, 32, 64, 128, 256)  # batch 1 is measured eager and static first
+QUANT_SWEEP = (64, 256)  # a quantization against bf16 where batches are large enough to matter
+# What --precisions accepts: bf16 (fp32 on a CPU), and every quantization the worker loads.
+PRECISIONS = ("bf16", *(m for m in get_args(Settings.model_fields["quantization"].annotation)
+                        if m not in ("auto", "none")))  # fmt: skip
 
 
 def sync() -> None:
@@ -92,6 +101,10 @@ def build(arch: str, device: str) -> Any:
         model = GemmaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     return model.eval()
+
+
+def gigabytes(size: int | None) -> float | None:
+    return None if size is None else round(size / 1e9, 2)
 
 
 def weight_bytes(model: Any) -> int:
@@ -178,7 +191,13 @@ def run_model(
 ) -> None:
     size = weight_bytes(model)
     roofline = bandwidth / size
-    common = {"model": name, "precision": precision, "weights_gb": round(size / 1e9, 2)}
+    # Quantized tensors may report their logical size; the memory torch holds is the real one.
+    common = {
+        "model": name, "precision": precision, "weights_gb": round(size / 1e9, 2),
+        "memory_gb": gigabytes(gpu_memory_bytes()),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for mode in ("batcher", "eager", "static"):
         one = measure(model, 1, mode)
@@ -197,7 +216,29 @@ def run_model(
     report.add(
         **common,
         graphs_compiled=torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiles,
+        peak_memory_gb=gigabytes(torch.cuda.max_memory_allocated())
+        if torch.cuda.is_available()
+        else None,
     )
+
+
+def run_quantized(
+    folder: Path, device: str, arch: str, precisions: list[str], bandwidth: float, report: Report
+) -> None:
+    """Each quantization, loaded by the worker's loader from the saved weights, one at a time."""
+    for precision in precisions:
+        if not report.time_left():
+            report.add(model=arch, precision=precision, skipped="time budget")
+            continue
+        try:
+            model = load_weights(folder, precision, device)
+        except UnsupportedQuantization as exc:
+            report.add(model=arch, precision=precision, skipped=exc.message)
+            continue
+        run_model(model, arch, precision, bandwidth, report, QUANT_SWEEP)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def profile(model: Any) -> None:
@@ -217,11 +258,19 @@ def profile(model: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", default="gemma-2b,gemma-7b")
-    parser.add_argument("--precisions", default="bf16,nf4")
+    parser.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help=f"of {', '.join(PRECISIONS)}"
+    )
     parser.add_argument("--budget", type=float, default=480, help="seconds before sweeps stop")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", action="store_true", help="profile batch-1 decoding only")
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    unknown = sorted(set(precisions) - set(PRECISIONS))
+    if unknown:
+        parser.error(
+            f"unknown precisions {', '.join(unknown)}; choose from {', '.join(PRECISIONS)}"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.profile:
         profile(build(args.archs.split(",")[0], device))
@@ -235,20 +284,17 @@ def main() -> None:
             report.add(model=arch, skipped="time budget")
             continue
         model = build(arch, device)
-        if "bf16" in args.precisions:
+        if "bf16" in precisions:
             run_model(model, arch, "bf16" if device == "cuda" else "fp32", bandwidth, report, SWEEP)
-        if "nf4" in args.precisions and report.time_left():
-            with tempfile.TemporaryDirectory() as folder:
+        quantized = [p for p in precisions if p != "bf16"]
+        with tempfile.TemporaryDirectory() as folder:
+            if quantized:
                 model.save_pretrained(folder)
-                del model
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                model = load_weights(Path(folder), "nf4", device)
-            # NF4 against bf16 where batches are large enough to matter.
-            run_model(model, arch, "nf4", bandwidth, report, (64, 256))
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            # The bf16 copy goes before any quantization loads: each mode's memory is its own.
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            run_quantized(Path(folder), device, arch, quantized, bandwidth, report)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,11 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         default_factory=_default_model_dir, description="Local cache of prepared models."
     )
-    quantization: Literal["auto", "nf4", "int8", "none"] = Field(
+    quantization: Literal["auto", "none", "int8-wo", "int4-wo", "fp8", "nf4", "int8"] = Field(
         "auto",
-        description="nf4/int8 through bitsandbytes; none = bf16 on CUDA, fp32 on CPU; auto = "
-        "none, or nf4 on a GPU the bf16 weights would fill past half (docs/benchmarks.md).",
+        description="int8-wo/int4-wo/fp8 through torchao (int4-wo: CUDA 8.0+, fp8: CUDA 8.9+); "
+        "nf4/int8 through bitsandbytes, memory savers only; none = bf16 on CUDA, fp32 on CPU; "
+        "auto = none, or nf4 on a GPU the bf16 weights would fill past half (docs/benchmarks.md).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     static_cache: Literal["auto", "on", "off"] = Field(

@@ -15,6 +15,7 @@ from gemma_batch.dispatch.queues import queue_name
 from gemma_batch.errors import AppError
 from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import Settings
+from worker.quantization import check_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,6 @@ def celery_command(spec: WorkerSpec, settings: Settings, loglevel: str) -> list[
     ]  # fmt: skip
 
 
-def detect_gpus() -> list[str]:
-    """The GPU ids nvidia-smi reports (no torch here: the supervisor never touches CUDA)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 class Supervisor:
     """Keeps one worker process per spec alive: a child that dies is started again."""
 
@@ -122,13 +108,47 @@ class Supervisor:
         return max((child.wait() for child in self.children.values()), default=0)
 
 
+def gpu_cards() -> dict[str, tuple[str, tuple[int, int]]]:
+    """Each GPU's name and compute capability by id, as nvidia-smi reports them (no torch here:
+    the supervisor never touches CUDA)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    cards = {}
+    for line in out.splitlines():
+        index, name, capability = (part.strip() for part in line.split(","))
+        major, minor = capability.split(".")
+        cards[index] = (name, (int(major), int(minor)))
+    return cards
+
+
+def check_quantization(settings: Settings, specs: list[WorkerSpec]) -> None:
+    """Refuse a mode a worker's device cannot run now, before any worker starts or loads."""
+    cards = gpu_cards()
+    for spec in specs:
+        device = spec.env["GEMMA_BATCH_DEVICE"]
+        gpu = spec.env.get("CUDA_VISIBLE_DEVICES", "0")
+        if device == "auto":
+            device = "cuda" if cards else "cpu"
+        check_mode(settings.quantization, device, cards.get(gpu) if device == "cuda" else None)
+
+
 def run_workers(
     settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str
 ) -> int:
     """Start the workers and keep them running until SIGTERM/SIGINT."""
     get_prepared(settings.model_dir, settings.model)  # fail here, clearly, not in every child
     if gpus == ["all"]:
-        gpus = detect_gpus()
+        gpus = list(gpu_cards())
         if not gpus:
             raise AppError("--gpus all: nvidia-smi found no GPU; use --device cpu")
-    return Supervisor(plan_workers(settings, gpus, device), settings, loglevel).run()
+    specs = plan_workers(settings, gpus, device)
+    check_quantization(settings, specs)
+    return Supervisor(specs, settings, loglevel).run()

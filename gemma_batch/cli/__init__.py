@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from gemma_batch.cli import admin, demo, keys, submit
+from gemma_batch.cli import admin, demo, keys, quality, submit
 from gemma_batch.client import ApiError
 from gemma_batch.errors import AppError
 
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 admin.register(app)
+quality.register(admin.model_app)
 submit.register(app)
 keys.register(app)
 demo.register(app)

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TorchAoConfig
+
+from worker.quantization import TORCHAO_KERNELS, check_mode
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,15 @@ def bf16_bytes(path: Path) -> int:
 def resolve_quantization(quantization: str, device: str, path: Path) -> str:
     """What `auto` means for this model on this device (docs/benchmarks.md has the figures).
 
-    On CPUs bitsandbytes' 4-bit kernels only cost time (fp32 labels 1.8x faster than nf4 in
-    bench/w2_label). On an H200, bf16 made 5.9x the tokens/s of nf4 at batch 64 (bench/gpu), so
-    nf4 is kept for cards where the bf16 weights would take over half the memory and leave too
-    little for the KV cache.
+    `auto` is the fastest mode that passes `model check-quant`'s bar (perplexity within 2%, label
+    accuracy kept). On CPUs that is fp32: on the 270M, int8-wo passes but is not reliably faster
+    (0.8-1.2x fp32 across runs: the tied 262k-row vocabulary head, most of the weights, stays
+    fp32), int8 passes and labels 1.3x faster but decodes no faster (and bitsandbytes was slower
+    than fp32 on the earlier Intel CPU), and nf4 is faster but fails the bar (+26% perplexity).
+    On CUDA no torchao mode is measured yet (bench/gpu has the runs; no GPU was lent), so the
+    rule stands from the H200 figures: bf16 made 5.9x the tokens/s of nf4 at batch 64, and nf4
+    is kept for cards where the bf16 weights would take over half the memory, leaving too little
+    for the KV cache.
     """
     if quantization != "auto":
         return quantization
@@ -49,6 +56,33 @@ def resolve_quantization(quantization: str, device: str, path: Path) -> str:
         return "none"
     room = torch.cuda.get_device_properties(0).total_memory / 2
     return "none" if bf16_bytes(path) <= room else "nf4"
+
+
+def check_supported(quantization: str, device: str) -> None:
+    """Refuse, naming the mode and the device, a torchao mode this device cannot run."""
+    card = None
+    if device != "cpu" and torch.cuda.is_available():
+        card = (torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+    check_mode(quantization, device, card)
+
+
+def _torchao_config(quantization: str) -> TorchAoConfig:
+    # Only its own modes need torchao: a worker without it still loads every other mode.
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    if quantization == "int8-wo":
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if quantization == "int4-wo":
+        # tile_packed_to_4d is tinygemm's layout; the default (plain) needs the mslk package.
+        return TorchAoConfig(
+            Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        )
+    return TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
 
 
 def _load_options(quantization: str, device: str) -> dict[str, Any]:
@@ -61,6 +95,8 @@ def _load_options(quantization: str, device: str) -> dict[str, Any]:
         return {"quantization_config": config, "dtype": compute}
     if quantization == "int8":
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": compute}
+    if quantization in TORCHAO_KERNELS:
+        return {"quantization_config": _torchao_config(quantization), "dtype": compute}
     return {"dtype": compute}
 
 
@@ -68,6 +104,7 @@ def load_weights(path: Path, quantization: str, device: str) -> Any:
     """The model alone, in eval mode (the GPU benchmark has weights but no tokenizer)."""
     device = resolve_device(device)
     quantization = resolve_quantization(quantization, device, path)
+    check_supported(quantization, device)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         path,
