@@ -83,7 +83,7 @@ class Scheduler:
         self._stopping = False
         self._backlog: deque[Held] = deque()  # the loop's own: claimed, waiting for a slot
         self._polled = {"interactive": 0.0, "pull": 0.0, "cancel": 0.0, "pull-warning": -1e9}
-        self.writer = ResultWriter(self._stored, self._given_up)
+        self.writer = ResultWriter(self._stored, self._release)
         self._heartbeat = Heartbeat(self._held_ids, worker, settings.lease_seconds)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
@@ -405,12 +405,14 @@ class Scheduler:
         self._finish_results(pairs, seconds)
 
     def _finish_results(self, pairs: list[tuple[Held, ItemResult]], seconds: float) -> None:
+        """Results the model computed: counted in the worker's metrics, then stored."""
         if pairs:
             metrics.observe([result for _, result in pairs], seconds)
         for held, result in pairs:
-            self.writer.put(held, held.job_id, result)
+            self._finish(held, result)
 
     def _finish(self, held: Held, result: ItemResult) -> None:
+        """Hand a result to the writer, which stores it off the decode path."""
         self.writer.put(held, held.job_id, result)
 
     # --- what the writer calls back ----------------------------------------------------------
@@ -424,9 +426,6 @@ class Scheduler:
             if not still_open:
                 self._over.add(job_id)
             self._lock.notify_all()
-
-    def _given_up(self, owners: list[object]) -> None:
-        self._release(owners)
 
     def _release(self, owners: list[object]) -> None:
         """Let go of items without a stored result: their leases lapse, and they run again."""
