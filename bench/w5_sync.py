@@ -52,7 +52,10 @@ def main() -> None:
         time.sleep(5)  # the batch fills up
         loaded = latencies(client, calls)
         info = job.refresh()
-        job.cancel()
+        if info.status in ("queued", "running"):  # the rest is not wanted
+            job.cancel()
+    console.print(f"idle latencies (s): {[round(s, 2) for s in idle]}")
+    console.print(f"loaded latencies (s): {[round(s, 2) for s in loaded]}")
     ratio = statistics.median(loaded) / statistics.median(idle)
     console.print(
         f"W5: median 16-token completion {statistics.median(idle):.2f} s idle, "

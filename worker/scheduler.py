@@ -146,7 +146,9 @@ class Scheduler:
         else:
             self._pull()
         started = self._admit()
-        if self.engine.batcher.rows:
+        if self.engine.express.rows:  # sync rows first: the main batch waits for them
+            self._step(express=True)
+        elif self.engine.batcher.rows:
             self._step()
         elif not started:
             with self._lock:
@@ -201,7 +203,7 @@ class Scheduler:
 
     def _cancelled(self) -> set[str]:
         """Jobs of held items that are over (cancelled, mostly), looked up every few steps."""
-        jobs = {row.key.owner.job_id for row in self.engine.batcher.rows}
+        jobs = {row.key.owner.job_id for row in self._rows()}
         jobs |= {held.job_id for held in self._backlog}
         if not jobs or not self._due("cancel", CANCEL_POLL):
             return set()
@@ -219,16 +221,21 @@ class Scheduler:
         """Rows of jobs that are over leave the batch; nothing more is written for them."""
         if not jobs:
             return
-        batcher = self.engine.batcher
-        leaving = [row for row in batcher.rows if row.key.owner.job_id in jobs]
-        if leaving:
-            batcher.leave(leaving)
-        dropped = [row.key.owner for row in leaving]
+        dropped = []
+        for batcher in (self.engine.batcher, self.engine.express):
+            leaving = [row for row in batcher.rows if row.key.owner.job_id in jobs]
+            if leaving:
+                batcher.leave(leaving)
+            dropped += [row.key.owner for row in leaving]
         dropped += [held for held in self._backlog if held.job_id in jobs]
         self._backlog = deque(held for held in self._backlog if held.job_id not in jobs)
         if dropped:
             log.info("dropping %s items of jobs that are over: %s", len(dropped), sorted(jobs))
             self._release(dropped)
+
+    def _rows(self) -> list[Any]:
+        """Every running row, in the main batch and the express one."""
+        return self.engine.batcher.rows + self.engine.express.rows
 
     def _give_back(self) -> None:
         """Stopping: release the leases of items not started, so others take them at once (their
@@ -247,7 +254,7 @@ class Scheduler:
 
     def _admit(self) -> bool:
         """Start what the batch has room for; True if anything ran."""
-        batcher, group, started = self.engine.batcher, [], False
+        batcher, group, express, started = self.engine.batcher, [], [], False
         while self._backlog:
             held = self._backlog[0]
             attempts = held.claim.attempts
@@ -259,12 +266,12 @@ class Scheduler:
                 )
                 continue
             if attempts > 0 or held.alone:
-                if batcher.rows or group:
+                if self._rows() or group or express:
                     break  # a suspect runs by itself once the batch has drained
                 self._run_alone(self._backlog.popleft())
                 return True
             if held.spec.choices:
-                if batcher.rows or group:
+                if self._rows() or group or express:
                     break
                 self._label(self._take_labels())
                 return True
@@ -275,39 +282,44 @@ class Scheduler:
                     self._finish(held, prepared)
                     continue
                 held.row = prepared
-            extra = RESERVED_ROWS if held.claim.priority == INTERACTIVE_PRIORITY else 0
+            interactive = held.claim.priority == INTERACTIVE_PRIORITY
+            if interactive and self.engine.express.fits(held.row, express):
+                express.append(self._backlog.popleft().row)
+                continue
+            extra = RESERVED_ROWS if interactive else 0
             if not batcher.fits(held.row, group, extra):
                 break
             group.append(self._backlog.popleft().row)
-        if group:
-            self._mark_started([row.key.owner for row in group])
-            self._admit_group(group)
-            started = True
+        for rows, lane in ((express, True), (group, False)):
+            if rows:
+                self._mark_started([row.key.owner for row in rows])
+                self._admit_group(rows, lane)
+                started = True
         return started
 
-    def _admit_group(self, rows: list[Any]) -> None:
+    def _admit_group(self, rows: list[Any], express: bool = False) -> None:
         """Prefill a group; if it raises, each half, until the row that raises fails alone."""
         try:
-            ended, deferred = self.engine.admit(rows)
+            ended, deferred = self.engine.admit(rows, express)
         except Exception as exc:
             if len(rows) == 1:
                 self._fail(rows[0].key.owner, exc)
                 return
             log.warning("a group of %s rows raised %r; splitting it", len(rows), exc)
             half = len(rows) // 2
-            self._admit_group(rows[:half])
-            self._admit_group(rows[half:])
+            self._admit_group(rows[:half], express)
+            self._admit_group(rows[half:], express)
             return
         self._backlog.extendleft(reversed([row.key.owner for row in deferred]))
         metrics.forward(len(rows) - len(deferred))
         self._finish_rows(ended, 0.0)
 
-    def _step(self) -> None:
-        batcher = self.engine.batcher
+    def _step(self, express: bool = False) -> None:
+        batcher = self.engine.express if express else self.engine.batcher
         started = time.perf_counter()
         metrics.forward(len(batcher.rows))
         try:
-            ended = self.engine.step()
+            ended = self.engine.step(express)
         except Exception as exc:
             # One row's trouble must not fail its batchmates: each runs again by itself.
             rows = list(batcher.rows)

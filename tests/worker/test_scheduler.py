@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 
 from api.jobs import service as jobs
 from api.jobs.schemas import JobCreate
+from gemma_batch.domain.records import INTERACTIVE_PRIORITY
 from gemma_batch.settings import get_settings
 from gemma_batch.store.claims import claim_chunk
 from gemma_batch.store.sessions import session_scope
@@ -170,3 +171,59 @@ def test_rows_of_two_jobs_share_one_batch_and_a_cancel_takes_them_out(
     assert not engine.batcher.rows
     items = _items(long_job)
     assert [item.status for item in items] == ["cancelled", "cancelled"]
+
+
+def test_a_sync_row_decodes_in_the_express_batch_ahead_of_the_main_one(
+    scheduler: Scheduler, engine: Engine
+) -> None:
+    log: list[str] = []
+    main_step, express_step = engine.batcher.step, engine.express.step
+
+    def watched_main() -> list[Any]:
+        log.append("main")
+        return main_step()
+
+    def watched_express() -> list[Any]:
+        log.append("express")
+        return express_step()
+
+    engine.batcher.step, engine.express.step = watched_main, watched_express  # type: ignore[method-assign]
+    try:
+        long_job = _job(["e", "f"], max_new_tokens=400)
+        with session_scope() as session:
+            spec, claimed = claim_chunk(session, long_job, 0, scheduler.worker, 60)
+        ticket = Ticket(long_job, 0)
+        scheduler.submit(ticket, spec, claimed)
+        deadline = time.monotonic() + 30
+        while "main" not in log:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # A sync request, as /v1/completions stores it: pulled from the store by priority.
+        request = JobCreate.model_validate(
+            {"model": TINY, "items": [{"prompt": "hi"}], "params": {"max_new_tokens": 5}}
+        )
+        with session_scope() as session:
+            sync = jobs.store_job(
+                session,
+                request,
+                [jobs.NewItem("prompt", "0", "hi")],
+                get_settings(),
+                "tests",
+                priority=INTERACTIVE_PRIORITY,
+            ).id
+        while _items(sync)[0].status == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with session_scope() as session:
+            jobs.cancel_job(session, long_job, "tests")
+        scheduler.wait(ticket)
+    finally:
+        engine.batcher.step, engine.express.step = main_step, express_step  # type: ignore[method-assign]
+    [answer] = _items(sync)
+    assert answer.status == "completed"
+    # The sync row's decode steps (its first token comes from its prefill) ran one after
+    # another, the main batch waiting, and the long job was still running meanwhile.
+    steps = (answer.completion_tokens or 0) - 1
+    first = log.index("express")
+    assert steps >= 1 and log[first : first + steps] == ["express"] * steps
+    assert log.count("express") == steps and "main" in log[first + steps :]

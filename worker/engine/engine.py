@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # Most rows decoded together (the largest batch the benchmarks showed still gaining).
 MAX_ROWS = 256
+EXPRESS_ROWS = 8  # sync requests decoding at once, apart from the main batch
 # A shared prefix shorter than this is cheaper to compute again than to copy in.
 MIN_SHARED_PREFIX = 16
 
@@ -82,6 +83,10 @@ class Engine:
         # -it models close their turn with <end_of_turn>; it ends an answer like EOS does.
         self.stop_ids = sorted(i for i in ends if i is not None and i != tokenizer.unk_token_id)
         self.batcher = Batcher(model, self.stop_ids, batch_tokens, MAX_ROWS, self._decode)
+        # Sync requests decode in a small batch of their own, stepped ahead of the main one:
+        # where a step costs in proportion to its rows (a CPU), a sync row in a full batch would
+        # wait a full batch's step for each of its tokens. Its cache grows only when used.
+        self.express = Batcher(model, self.stop_ids, batch_tokens, EXPRESS_ROWS, self._decode)
         self.prefixes = PrefixCache(model)
         self._json: JsonConstraint | None = None
         self._shared: dict[tuple[str, bool], list[int]] = {}
@@ -156,30 +161,33 @@ class Engine:
             prefix=self._shared_prefix(encoded.ids, spec),
         )
 
-    def admit(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
-        """Prefill rows into the running batch: the rows that ended at once, and those put off
-        because the device ran out of memory (half the group at a time is tried)."""
+    def admit(self, rows: list[Row], express: bool = False) -> tuple[list[Row], list[Row]]:
+        """Prefill rows into the running batch (or the express one): the rows that ended at
+        once, and those put off because the device ran out of memory (half the group at a time
+        is tried)."""
+        batcher = self.express if express else self.batcher
         if self.inject_faults:
             faults.inject(row.key.encoded.text for row in rows)
         try:
-            return self.batcher.admit(rows), []
+            return batcher.admit(rows), []
         except torch.OutOfMemoryError:
-            if len(rows) == 1 and not self.batcher.rows:
+            if len(rows) == 1 and not batcher.rows:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             keep = len(rows) // 2
             log.warning("out of memory admitting %s rows; trying %s", len(rows), keep)
             # Fewer rows from now on: the batch that ran out of memory stays out of reach.
-            self.batcher.max_rows = max(1, len(self.batcher.rows) + keep)
+            batcher.max_rows = max(1, len(batcher.rows) + keep)
             if not keep:
                 return [], rows
-            ended, deferred = self.admit(rows[:keep])
+            ended, deferred = self.admit(rows[:keep], express)
             return ended, deferred + rows[keep:]
 
-    def step(self) -> list[Row]:
-        """One decode step of every running row; returns the rows that ended."""
-        return self.batcher.step()
+    def step(self, express: bool = False) -> list[Row]:
+        """One decode step of every running row (of the express batch, if asked); returns the
+        rows that ended."""
+        return (self.express if express else self.batcher).step()
 
     def result(self, row: Row) -> ItemResult:
         """A finished row's answer: its text up to a stop, why it ended, its token counts."""
