@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import IO, Any
 
 import httpx
@@ -271,10 +271,11 @@ def store_job(
 ) -> Job:
     """Store the job and all its items, then enqueue one task per chunk.
 
-    Items arrive as a stream and go in by batches, each its own short transaction, so a huge
-    upload never sits in memory nor holds the database from other tenants' submissions. Until
-    its last row is in, the job is `uploading`: no worker, listing or queue count sees it, and
-    any bad item removes it whole, so nothing half-made is ever seen. The tenant's queue limit
+    Items arrive as a stream and go in by batches, each its own short transaction when there is
+    more than one, so a huge upload never sits in memory nor holds the database from other
+    tenants' submissions. Until its last row is in, the job is `uploading`: no worker, listing
+    or queue count sees it, and any bad item removes it whole, so nothing half-made is ever
+    seen. The tenant's queue limit
     is then checked and the job made `queued` in one step, under a per-tenant lock.
     """
     model = get_prepared(settings.model_dir, options.model)
@@ -299,11 +300,22 @@ def store_job(
         request_hash=request_hash,
         priority=priority,
     )
+    iterator = iter(items)
+    first = list(islice(iterator, INSERT_BATCH))
+    # A job of one batch goes in as one short transaction; only a bigger one is committed batch
+    # by batch while it stays invisible.
+    whole = len(first) < INSERT_BATCH
     session.add(job)
     # With a key, a concurrent retry fails here on the unique key, and finds this job.
-    session.commit()
+    if whole:
+        session.flush()
+    else:
+        session.commit()
     try:
-        total = _insert_all(session, job, options, model, items, settings, queued, check_context)
+        rows = chain(first, iterator)
+        total = _insert_all(
+            session, job, options, model, rows, settings, queued, check_context, whole
+        )
         if unique_ids:
             _check_unique_ids(session, job.id)
         job.total = total
@@ -312,7 +324,8 @@ def store_job(
         _publish(session, job, settings)
     except BaseException:
         session.rollback()
-        _remove(session, job.id)
+        if not whole:
+            _remove(session, job.id)
         raise
     size = settings.chunk_size
     sizes = [min(size, total - start) for start in range(0, total, size)]
@@ -345,6 +358,7 @@ def _insert_all(
     settings: Settings,
     queued: int,
     check_context: bool,
+    whole: bool,
 ) -> int:
     size, total = settings.chunk_size, 0
     iterator = iter(items)
@@ -358,7 +372,8 @@ def _insert_all(
         if check_context:
             _check_context(model, options, batch)
         insert_items(session, job.id, batch, total, size)
-        session.commit()
+        if not whole:  # a big job: each batch its own transaction
+            session.commit()
         total += len(batch)
     if total == 0:
         raise _file_error("holds no rows")
