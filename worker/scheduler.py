@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 # Sync requests may take this many rows over the batch's limits, so they never wait for a slot.
 RESERVED_ROWS = 4
-# How often the store is asked for sync requests, for more work, and for cancelled jobs.
+# How often the store is asked for sync requests and for more work. Cancelled jobs are looked
+# up before every step: a step can take far less than any fixed interval (a small model, a GPU).
 INTERACTIVE_POLL = 0.05
 PULL_POLL = 0.2
-CANCEL_POLL = 0.02
 # An idle scheduler looks at the store this often, besides being woken by every delivery.
 IDLE_POLL = 1.0
 PULL_WARNING_EVERY = 30.0
@@ -82,7 +82,7 @@ class Scheduler:
         self._over: set[str] = set()  # jobs the writer found over; guarded by _lock
         self._stopping = False
         self._backlog: deque[Held] = deque()  # the loop's own: claimed, waiting for a slot
-        self._polled = {"interactive": 0.0, "pull": 0.0, "cancel": 0.0, "pull-warning": -1e9}
+        self._polled = {"interactive": 0.0, "pull": 0.0, "pull-warning": -1e9}
         self.writer = ResultWriter(self._stored, self._release)
         self._heartbeat = Heartbeat(self._held_ids, worker, settings.lease_seconds)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -202,10 +202,10 @@ class Scheduler:
             self._backlog.extend(held)
 
     def _cancelled(self) -> set[str]:
-        """Jobs of held items that are over (cancelled, mostly), looked up every few steps."""
+        """Jobs of held items that are over (cancelled, mostly), looked up before every step."""
         jobs = {row.key.owner.job_id for row in self._rows()}
         jobs |= {held.job_id for held in self._backlog}
-        if not jobs or not self._due("cancel", CANCEL_POLL):
+        if not jobs:
             return set()
         try:
             with session_scope() as session:
