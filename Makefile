@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5 bench-quant
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5 bench-w6 bench-quant
 
 setup:
 	scripts/bootstrap.sh demo
@@ -44,6 +44,9 @@ bench-e2e: bench-setup
 
 bench-w5: bench-setup
 	$(PY) -m bench.w5_sync
+
+bench-w6: bench-setup
+	$(PY) -m bench.w6_adapters
 
 # The torchao modes against bf16 fit the device's time; nf4 and int8 (bitsandbytes) are memory
 # savers, measured with --precisions when wanted.

@@ -127,7 +127,7 @@ class ServiceUnavailable(AppError):
 class ModelNotPrepared(AppError):
     """A worker or the API asked for a model that is not in the local model cache."""
 
-    status_code = 422
+    status_code = 404
     code = "model_not_found"
 
     def __init__(self, name: str) -> None:

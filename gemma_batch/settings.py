@@ -44,6 +44,12 @@ class Settings(BaseSettings):
         "auto = none, or nf4 on a GPU the bf16 weights would fill past half (docs/benchmarks.md).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    max_adapters: int = Field(
+        8,
+        ge=1,
+        description="LoRA adapters a worker keeps loaded; past this, the least recently used "
+        "one no running row needs is unloaded (and loaded again when asked for).",
+    )
     static_cache: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Accepted for compatibility; the continuous batcher has no captured-graph "

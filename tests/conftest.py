@@ -7,6 +7,8 @@ settings are built from it at import time.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -45,6 +47,20 @@ from gemma_batch.cli.stack import LocalStack  # noqa: E402
 from gemma_batch.settings import get_settings  # noqa: E402
 from gemma_batch.store.sessions import reset_sql_engine  # noqa: E402
 from tests.tiny_model import build_tiny_gemma  # noqa: E402
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`gemma-batch ARGS` as a user runs it, in this environment (or `env`), wide enough that
+    tables do not wrap."""
+    return subprocess.run(
+        [sys.executable, "-m", "gemma_batch", *args],
+        env=(env or dict(os.environ)) | {"COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def bearer(tenant: str) -> dict[str, str]:

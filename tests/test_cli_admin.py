@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from gemma_batch.settings import Settings
+from tests.conftest import run_cli
 from worker.launcher import celery_command, plan_workers
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gemma_batch", *args],
-        env=os.environ | env | {"COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(*args, env=dict(os.environ) | env)
 
 
 def test_config_prints_settings_with_secrets_masked() -> None:

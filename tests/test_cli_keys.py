@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 from api import auth
 from gemma_batch.store.sessions import session_scope
+from tests.conftest import run_cli
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     # The test database is in the environment (the fixture put it there), as a user's would be.
-    return subprocess.run(
-        [sys.executable, "-m", "gemma_batch", "keys", *args],
-        env=os.environ | {"COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("keys", *args)
 
 
 def test_create_list_and_revoke(sqlite_url: str) -> None:

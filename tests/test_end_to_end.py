@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from api.jobs.schemas import JobRead, ResultLine
 from gemma_batch.cli.stack import LocalStack
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Item
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +125,7 @@ def test_cancel_stops_a_job_and_keeps_what_was_done(stack: LocalStack) -> None:
 
 
 def _cli(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gemma_batch", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(*args, env=stack.env, timeout=300)
 
 
 def test_cli_submit_wait_status_results(stack: LocalStack, tmp_path: Path) -> None:

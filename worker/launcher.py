@@ -144,7 +144,13 @@ def run_workers(
     settings: Settings, gpus: list[str] | None, device: str | None, loglevel: str
 ) -> int:
     """Start the workers and keep them running until SIGTERM/SIGINT."""
-    get_prepared(settings.model_dir, settings.model)  # fail here, clearly, not in every child
+    # Fail here, clearly, not in every child.
+    prepared = get_prepared(settings.model_dir, settings.model)
+    if prepared.base is not None:
+        raise AppError(
+            f"{settings.model} is an adapter of {prepared.base}: workers of {prepared.base} "
+            "serve it; start those (--model " + prepared.base + ")"
+        )
     if gpus == ["all"]:
         gpus = list(gpu_cards())
         if not gpus:

@@ -63,7 +63,14 @@ def load_engine() -> Any:
     model, tokenizer = load_model(prepared.path, settings.quantization, settings.device)
     metrics.MODEL_LOAD.set(time.perf_counter() - started)
     log.info("model %s ready in worker process %s", settings.model, os.getpid())
-    return Engine(model, tokenizer, settings.batch_tokens, settings.fault_injection)
+    return Engine(
+        model,
+        tokenizer,
+        settings.batch_tokens,
+        settings.fault_injection,
+        adapter_dir=settings.model_dir,
+        max_adapters=settings.max_adapters,
+    )
 
 
 def start_scheduler(worker: str) -> Scheduler:

@@ -167,7 +167,7 @@ def job_read(job: Job) -> JobRead:
     """The job as callers see it."""
     return JobRead(
         id=job.id,
-        model=job.model,
+        model=job.adapter or job.model,
         status=job.status,
         counts=Counts(total=job.total, completed=job.completed, failed=job.failed),
         params=job.params,

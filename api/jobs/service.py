@@ -285,7 +285,8 @@ def store_job(
     queued = queued_items(session, tenant)
     job = Job(
         tenant=tenant,
-        model=options.model,
+        model=model.served_by,
+        adapter=model.name if model.base else None,
         status=JobStatus.UPLOADING,
         params=spec.params.model_dump(),
         prefix=spec.prefix or None,

@@ -87,12 +87,17 @@ def check_address(host: str, address: Address, allow: Allowlist) -> None:
         )
 
 
-def _addresses(infos: list[tuple]) -> list[Address]:  # type: ignore[type-arg]
-    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+def allowed_addresses(host: str, infos: list[tuple], allow: Allowlist) -> list[Address]:  # type: ignore[type-arg]
+    """The addresses in getaddrinfo's answer for `host`, once each is allowed; else
+    TargetRefused (one internal address is enough to refuse the host)."""
+    found = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in found:
+        check_address(host, address, allow)
+    return found
 
 
-def check_url(url: httpx.URL, allow: Allowlist) -> list[Address]:
-    """Every address the URL's host resolves to, once each is allowed; else TargetRefused."""
+def check_url(url: httpx.URL, allow: Allowlist) -> None:
+    """Refuse (TargetRefused) a callback URL that is not plain http(s) to allowed addresses."""
     if url.scheme not in ("http", "https"):
         raise TargetRefused("only http and https callback URLs are allowed")
     if url.userinfo:
@@ -101,10 +106,7 @@ def check_url(url: httpx.URL, allow: Allowlist) -> list[Address]:
         infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM)
     except OSError:
         raise TargetRefused(f"its host '{url.host}' cannot be resolved") from None
-    found = _addresses(infos)
-    for address in found:
-        check_address(url.host, address, allow)
-    return found
+    allowed_addresses(url.host, infos, allow)
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -162,9 +164,7 @@ async def _send(client: httpx.AsyncClient, delivery: Delivery, allow: Allowlist)
         infos = await asyncio.get_running_loop().getaddrinfo(
             url.host, url.port or (443 if url.scheme == "https" else 80), type=socket.SOCK_STREAM
         )
-        address = _addresses(infos)[0]
-        for found in _addresses(infos):
-            check_address(url.host, found, allow)
+        address = allowed_addresses(url.host, infos, allow)[0]
     except OSError:
         return f"host '{url.host}' cannot be resolved"
     except TargetRefused as exc:

@@ -19,7 +19,7 @@ from api.openai.schemas import (
     ModelObject,
 )
 from api.paging import page
-from gemma_batch.models.cache import PreparedModel, get_prepared, prepared_names
+from gemma_batch.models.cache import PreparedModel, UnknownModel, get_prepared, prepared_names
 from gemma_batch.store.tables import Batch, File
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -155,14 +155,18 @@ async def completions(
 
 
 def _model_object(model: PreparedModel) -> ModelObject:
-    return ModelObject(id=model.name, created=model.prepared_at)
+    return ModelObject(id=model.name, created=model.prepared_at, parent=model.base)
 
 
 @router.get("/models")
 def models(settings: SettingsDep) -> dict[str, Any]:
-    """The models prepared here, which the workers can serve."""
-    names = prepared_names(settings.model_dir)
-    data = [_model_object(get_prepared(settings.model_dir, name)) for name in names]
+    """The models and adapters prepared here, which the workers can serve."""
+    data = []
+    for name in prepared_names(settings.model_dir):
+        try:
+            data.append(_model_object(get_prepared(settings.model_dir, name)))
+        except UnknownModel:  # an adapter whose base was removed: nothing can serve it
+            continue
     return {"object": "list", "data": data}
 
 

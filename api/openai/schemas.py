@@ -53,6 +53,8 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "gemma-batch"
+    # A LoRA adapter's base model (null for a model): the model whose workers serve it.
+    parent: str | None = None
 
 
 class Message(BaseModel):

@@ -48,29 +48,39 @@ def db_upgrade(revision: str = "head") -> None:
 
 @model_app.command("prepare")
 def model_prepare(
-    source: Annotated[str, typer.Argument(help="A model alias, or a local model folder.")],
+    source: Annotated[
+        str, typer.Argument(help="A model alias, a local model folder, or a LoRA adapter folder.")
+    ],
     name: Annotated[str | None, typer.Option(help="Name in the cache (folders only).")] = None,
     force: Annotated[bool, typer.Option(help="Prepare again even if present.")] = False,
+    adapter_of: Annotated[
+        str | None,
+        typer.Option(help="SOURCE is a PEFT LoRA adapter for this prepared base model."),
+    ] = None,
 ) -> None:
-    """Put a model into the local cache so workers never download mid-job."""
+    """Put a model (or an adapter for one) into the local cache so workers never download
+    mid-job."""
     from gemma_batch.cli.prepare import prepare
 
-    path = prepare(source, get_settings(), name=name, force=force)
-    console.print(f"prepared {path.name} at {path}")
+    path = prepare(source, get_settings(), name=name, force=force, adapter_of=adapter_of)
+    what = f"adapter of {adapter_of}" if adapter_of else "model"
+    console.print(f"prepared {path.name} ({what}) at {path}")
 
 
 @model_app.command("list")
 def model_list() -> None:
-    """Show the registry's aliases and which are prepared here."""
-    from gemma_batch.models.cache import prepared_names
+    """Show the registry's aliases, the adapters, and which are prepared here."""
+    from gemma_batch.models.cache import adapter_base, prepared_names
     from gemma_batch.models.registry import REGISTRY
 
     settings = get_settings()
     prepared = set(prepared_names(settings.model_dir))
-    table = Table("model", "source", "prepared")
+    table = Table("model", "source", "prepared", "adapter of")
     for name in sorted(set(REGISTRY) | prepared):
         spec = REGISTRY.get(name)
-        table.add_row(name, spec.source if spec else "local", "yes" if name in prepared else "")
+        base = adapter_base(settings.model_dir, name) if name in prepared else None
+        source = spec.source if spec else "local"
+        table.add_row(name, source, "yes" if name in prepared else "", base or "")
     console.print(table)
 
 

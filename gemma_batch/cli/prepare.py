@@ -10,7 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gemma_batch.errors import AppError
-from gemma_batch.models.cache import check_name, is_prepared, model_path
+from gemma_batch.models.cache import (
+    ADAPTER_OF,
+    adapter_base,
+    check_name,
+    is_prepared,
+    model_path,
+)
 from gemma_batch.models.registry import PYPI_GGUF, REGISTRY
 from gemma_batch.settings import Settings
 
@@ -21,13 +27,22 @@ class PrepareError(AppError):
     pass
 
 
-def prepare(source: str, settings: Settings, name: str | None = None, force: bool = False) -> Path:
-    """Make `source` (a registry alias or a local model folder) loadable as `name` from the cache.
+def prepare(
+    source: str,
+    settings: Settings,
+    name: str | None = None,
+    force: bool = False,
+    adapter_of: str | None = None,
+) -> Path:
+    """Make `source` (a registry alias or a local model folder) loadable as `name` from the cache;
+    with `adapter_of`, register `source` (a PEFT LoRA adapter folder) for that base model.
 
     The folder appears whole or not at all: it is built beside the cache and renamed into place.
     """
     local = Path(source).expanduser()
     is_folder = local.is_dir()
+    if adapter_of is not None:
+        return _register_adapter(local, adapter_of, settings, name, force)
     if not is_folder and source not in REGISTRY:
         known = ", ".join(sorted(REGISTRY))
         raise PrepareError(f"'{source}' is neither a model folder nor a known alias ({known})")
@@ -58,6 +73,46 @@ def prepare(source: str, settings: Settings, name: str | None = None, force: boo
             shutil.rmtree(target)
         out.rename(target)
     log.info("prepared %s at %s", target_name, target)
+    return target
+
+
+def _register_adapter(
+    folder: Path, base: str, settings: Settings, name: str | None, force: bool
+) -> Path:
+    """Check the adapter against its base (targets and shapes), then keep its two files."""
+    if not folder.is_dir():
+        raise PrepareError(f"'{folder}' is not a folder; an adapter is a folder PEFT saved")
+    if not is_prepared(settings.model_dir, check_name(base)) or adapter_base(
+        settings.model_dir, base
+    ):
+        raise PrepareError(
+            f"the base model '{base}' is not prepared here; prepare it first "
+            f"(gemma-batch model prepare {base})"
+        )
+    target_name = check_name(name or folder.name)
+    target = model_path(settings.model_dir, target_name)
+    if is_prepared(settings.model_dir, target_name) and not force:
+        raise PrepareError(f"'{target_name}' is prepared already; --force replaces it")
+    # Checking needs torch and PEFT, which only the worker side installs.
+    from worker.engine.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_adapter
+
+    try:
+        config = check_adapter(folder, model_path(settings.model_dir, base))
+    except AdapterError as exc:
+        raise PrepareError(f"adapter not registered: {exc}") from exc
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.model_dir, prefix=f".{target_name}-") as tmp:
+        out = Path(tmp) / "adapter"
+        out.mkdir()
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(folder / file, out / file)
+        (out / ADAPTER_OF).write_text(json.dumps({"base": base}))
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    log.info(
+        "registered adapter %s (LoRA rank %s) for %s at %s", target_name, config.r, base, target
+    )
     return target
 
 

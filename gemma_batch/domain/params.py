@@ -56,3 +56,4 @@ class JobSpec(BaseModel):
     chat: bool = False
     choices: list[str] | None = None
     json_schema: dict[str, Any] | None = None
+    adapter: str | None = None  # a LoRA adapter of the worker's model, by its cache name

@@ -42,6 +42,7 @@ def job_spec(job: Job) -> JobSpec:
         chat=job.chat,
         choices=job.choices,
         json_schema=job.json_schema,
+        adapter=job.adapter,
     )
 
 

@@ -82,7 +82,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
     tenant: Mapped[str] = tenant_column()
+    # The model whose workers run the job (its queue); with `adapter`, that adapter's base.
     model: Mapped[str] = mapped_column(String(200))
+    adapter: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     # Lower first: sync requests (/v1/chat/completions) take free slots before batch work.
     priority: Mapped[int] = mapped_column(Integer, default=BATCH_PRIORITY, server_default=text("6"))

@@ -31,13 +31,6 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "exactly one of 'prompt' or 'messages'",
     ),
     ("neither", {"model": TINY, "items": [{"id": "a"}]}, "items[0]", "exactly one of"),
-    ("unknown model", {"model": "gemma-99b", "items": [{"prompt": "x"}]}, "model", "unknown model"),
-    (
-        "model not prepared",
-        {"model": "gemma-7b-it", "items": [{"prompt": "x"}]},
-        "model",
-        "gemma-batch model prepare gemma-7b-it",
-    ),
     (
         "temperature out of range",
         {"model": TINY, "items": [{"prompt": "x"}], "params": {"temperature": 3}},
@@ -98,6 +91,24 @@ def test_bad_job_is_refused_and_nothing_stored(
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["param"] == param
+    assert message in error["message"]
+    assert _stored() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("gemma-99b", "unknown model 'gemma-99b'"),
+        ("gemma-7b-it", "gemma-batch model prepare gemma-7b-it"),
+    ],
+)
+def test_unknown_model_is_404_and_nothing_stored(
+    client: TestClient, model: str, message: str
+) -> None:
+    response = client.post("/v1/jobs", json={"model": model, "items": [{"prompt": "x"}]})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
     assert message in error["message"]
     assert _stored() == (0, 0)
 

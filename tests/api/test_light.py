@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "bitsandbytes", "xgrammar")
+HEAVY = ("torch", "transformers", "bitsandbytes", "xgrammar", "peft")
 
 
 @pytest.mark.parametrize("module", ["api.main", "worker.tasks", "gemma_batch.cli"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import worker.engine.loader as loader
-from tests.conftest import REAL, TINY
+from tests.conftest import REAL, TINY, run_cli
 from worker.engine.loader import load_model
 from worker.engine.quality import NEW_TOKENS, Figures, greedy_tokens, judge
 from worker.quantization import UnsupportedQuantization, check_mode
@@ -20,13 +20,7 @@ CPU_MODES = ["int8-wo"]  # torchao's modes with CPU kernels (TORCHAO_KERNELS)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gemma_batch", *args],
-        env=os.environ | {"COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_cli(*args, timeout=240)
 
 
 @pytest.mark.parametrize("mode", CPU_MODES)

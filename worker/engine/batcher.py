@@ -7,7 +7,8 @@ end token, a stop string or the end of its JSON answer leaves at once, and its s
 for the next row: no row waits for the longest one in its batch.
 
 Each row samples with its own settings and its own random generator, so what a row produces
-depends on its prompt, its settings and its seed alone, never on its batchmates.
+depends on its prompt, its settings and its seed alone, never on its batchmates. Each row may
+name a LoRA adapter (worker.engine.adapters), applied to its own row alone.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from worker.engine.adapters import Adapters
 from worker.engine.slots import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class Row:
     stops: Sequence[str] = ()
     constraint: Any = None  # an xgrammar GrammarMatcher, for JSON answers
     prefix: tuple[int, ...] = ()  # leading ids shared with other rows, computed once
+    adapter: str | None = None  # the LoRA adapter the row runs with (loaded by the caller)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     generator: torch.Generator | None = None
@@ -76,7 +80,8 @@ class Batcher:
     """The running rows of one model and their slot cache.
 
     `batch_tokens` bounds the cache: rows x the widest row's prompt plus budget; `max_rows`
-    bounds the rows. `decode` turns token ids into text (for stop strings).
+    bounds the rows. `decode` turns token ids into text (for stop strings); `adapters` serves
+    the rows that name one.
     """
 
     def __init__(
@@ -86,8 +91,10 @@ class Batcher:
         batch_tokens: int,
         max_rows: int,
         decode: Callable[[list[int]], str],
+        adapters: Adapters | None = None,
     ) -> None:
         self.model = model
+        self.adapters = adapters
         self.stop_ids = set(stop_ids)
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
         self.decode = decode
@@ -95,7 +102,10 @@ class Batcher:
         self.dtype = next(model.parameters()).dtype
         self.rows: list[Row] = []  # running rows; a row's slot is its index
         self.cache: SlotCache | None = None
-        self._prefixes: OrderedDict[tuple[int, ...], tuple[list[Any], list[Any]]] = OrderedDict()
+        # By adapter and ids: an adapter changes the prefix's keys and values too.
+        self._prefixes: OrderedDict[
+            tuple[str | None, tuple[int, ...]], tuple[list[Any], list[Any]]
+        ] = OrderedDict()
         self._bitmask: Any = None
 
     # --- capacity -------------------------------------------------------------------------
@@ -129,7 +139,7 @@ class Batcher:
         for slot, row in enumerate(rows, start=first):
             cache.starts[slot] = end - len(row.ids)
             if row.prefix:
-                keys, values = self._prefix_kv(row.prefix)
+                keys, values = self._prefix_kv(row.prefix, row.adapter)
                 cache.copy_in(slot, cache.starts[slot], keys, values)
         # Only what follows each row's prefix is computed; the prefix is in the cache already.
         own = [row.ids[len(row.prefix) :] for row in rows]
@@ -143,7 +153,8 @@ class Batcher:
             written[index, span - len(ids) :] = True
         cache.writing(slice(first, first + count), slice(end - span, end), written.to(self.device))
         starts = torch.tensor(cache.starts[first : first + count])
-        logits = self._forward(input_ids, positions, starts, end - span, span)
+        with self._serving([row.adapter for row in rows]):
+            logits = self._forward(input_ids, positions, starts, end - span, span)
         for row in rows:
             if row.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
@@ -191,25 +202,33 @@ class Batcher:
             new.starts[:running] = [start + end - old.end for start in old.starts[:running]]
         self.cache = new
 
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> tuple[list[Any], list[Any]]:
+    def _serving(self, adapters: Sequence[str | None]) -> Any:
+        """A context in which the model runs row i with adapter `adapters[i]`."""
+        return nullcontext() if self.adapters is None else self.adapters.serving(adapters)
+
+    def _prefix_kv(
+        self, prefix: tuple[int, ...], adapter: str | None
+    ) -> tuple[list[Any], list[Any]]:
         """Keys and values of a shared prefix at positions 0.., computed once and kept."""
-        if prefix in self._prefixes:
-            self._prefixes.move_to_end(prefix)
-            return self._prefixes[prefix]
+        key = (adapter, prefix)
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
         cache = SlotCache(self.model.config, 1, len(prefix), self.device, self.dtype)
         cache.writing(slice(0, 1), slice(0, len(prefix)))
         ids = torch.tensor([list(prefix)])
         positions = torch.arange(len(prefix))[None]
         masks = attention_masks(self.model.config, torch.zeros(1), 0, len(prefix), self.device)
-        self.model.model(
-            input_ids=ids.to(self.device),
-            position_ids=positions.to(self.device),
-            attention_mask=masks,
-            cache=cache,
-            use_cache=True,
-        )
+        with self._serving([adapter]):
+            self.model.model(
+                input_ids=ids.to(self.device),
+                position_ids=positions.to(self.device),
+                attention_mask=masks,
+                cache=cache,
+                use_cache=True,
+            )
         kept = ([k[0] for k in cache.keys], [v[0] for v in cache.values])
-        self._prefixes[prefix] = kept
+        self._prefixes[key] = kept
         if len(self._prefixes) > PREFIXES_KEPT:
             self._prefixes.popitem(last=False)
         return kept
@@ -226,7 +245,8 @@ class Batcher:
         positions = torch.tensor([[len(row.ids) + len(row.tokens) - 1] for row in self.rows])
         cache.writing(slice(0, count), slice(cache.end, cache.end + 1))
         starts = torch.tensor(cache.starts[:count])
-        logits = self._forward(input_ids, positions, starts, cache.end, 1)
+        with self._serving([row.adapter for row in self.rows]):
+            logits = self._forward(input_ids, positions, starts, cache.end, 1)
         cache.end += 1
         return self._advance(logits, 0)
 

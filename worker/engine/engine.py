@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import ItemResult, WorkItem
 from worker.engine import faults
+from worker.engine.adapters import AdapterError, Adapters
 from worker.engine.batcher import Batcher, Row, Sampling, TokenLogprob
 from worker.engine.labels import ChoiceScorer
 from worker.engine.prefix import PrefixCache, common_prefix, forward_suffixes
@@ -64,7 +66,9 @@ class Engine:
     """The model, its tokenizer and its batcher.
 
     `batch_tokens` bounds a batch: rows x (the widest row's prompt + new tokens), for label
-    micro-batches and for the rows decoding together alike.
+    micro-batches and for the rows decoding together alike. Jobs may name a LoRA adapter of
+    this model, read from `adapter_dir` (the model cache) on first use; `max_adapters` stay
+    loaded.
     """
 
     def __init__(
@@ -73,6 +77,8 @@ class Engine:
         tokenizer: Any,
         batch_tokens: int,
         inject_faults: bool = False,
+        adapter_dir: Path | None = None,
+        max_adapters: int = 8,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -82,12 +88,18 @@ class Engine:
         ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
         # -it models close their turn with <end_of_turn>; it ends an answer like EOS does.
         self.stop_ids = sorted(i for i in ends if i is not None and i != tokenizer.unk_token_id)
-        self.batcher = Batcher(model, self.stop_ids, batch_tokens, MAX_ROWS, self._decode)
+        self.adapter_dir = adapter_dir
+        self.adapters = Adapters(model, max_adapters)
+        self.batcher = Batcher(
+            model, self.stop_ids, batch_tokens, MAX_ROWS, self._decode, self.adapters
+        )
         # Sync requests decode in a small batch of their own, stepped ahead of the main one:
         # where a step costs in proportion to its rows (a CPU), a sync row in a full batch would
         # wait a full batch's step for each of its tokens. Its cache grows only when used.
-        self.express = Batcher(model, self.stop_ids, batch_tokens, EXPRESS_ROWS, self._decode)
-        self.prefixes = PrefixCache(model)
+        self.express = Batcher(
+            model, self.stop_ids, batch_tokens, EXPRESS_ROWS, self._decode, self.adapters
+        )
+        self.prefixes = PrefixCache(model, self.adapters)
         self._json: JsonConstraint | None = None
         self._shared: dict[tuple[str, bool], list[int]] = {}
 
@@ -134,8 +146,23 @@ class Engine:
         length = common_prefix([ids, self._shared[key]])
         return tuple(ids[:length]) if length >= MIN_SHARED_PREFIX else ()
 
+    def use_adapter(self, name: str | None, joining: Sequence[Row] = ()) -> None:
+        """Load an adapter before its rows run (a no-op for the base, or once loaded), keeping
+        those of the running rows and of the rows `joining` with it."""
+        if name is None:
+            return
+        if self.adapter_dir is None:
+            raise AdapterError(f"adapter '{name}' asked for, but this engine has no adapter cache")
+        rows = [*self.batcher.rows, *self.express.rows, *joining]
+        in_use = {row.adapter for row in rows if row.adapter}
+        self.adapters.load(name, self.adapter_dir / name, in_use)
+
     def prepare(self, item: WorkItem, spec: JobSpec, owner: Any = None) -> Row | ItemResult:
         """A generation row for the item, or the result that says why it cannot run."""
+        try:
+            self.use_adapter(spec.adapter)
+        except AdapterError as exc:
+            return ItemResult(item.index, error=f"cannot load adapter {spec.adapter}: {exc}")
         try:
             encoded = self.render(item, spec)
         except Exception as exc:  # a chat template that refuses these messages, say
@@ -159,6 +186,7 @@ class Engine:
             top_logprobs=params.top_logprobs if params.logprobs else None,
             constraint=None if schema is None else self._json_constraint().matcher(schema),
             prefix=self._shared_prefix(encoded.ids, spec),
+            adapter=spec.adapter,
         )
 
     def admit(self, rows: list[Row], express: bool = False) -> tuple[list[Row], list[Row]]:
@@ -168,6 +196,9 @@ class Engine:
         batcher = self.express if express else self.batcher
         if self.inject_faults:
             faults.inject(row.key.encoded.text for row in rows)
+        # Loaded when prepared, but another row's adapter may have pushed it out since.
+        for adapter in {row.adapter for row in rows}:
+            self.use_adapter(adapter, rows)
         try:
             return batcher.admit(rows), []
         except torch.OutOfMemoryError:
@@ -233,6 +264,12 @@ class Engine:
         """Label mode: results micro-batch by micro-batch, each under the token budget counted
         in the rows an item becomes (one per distinct choice stem)."""
         assert spec.choices
+        try:
+            self.use_adapter(spec.adapter)
+        except AdapterError as exc:
+            error = f"cannot load adapter {spec.adapter}: {exc}"
+            yield [ItemResult(item.index, error=error) for item in items]
+            return
         scorer = ChoiceScorer(self.tokenizer, spec.choices)
         encoded, failed = [], []
         for item in items:
@@ -256,7 +293,9 @@ class Engine:
             return
         prefix = encoded[0].ids[: common_prefix([e.ids for e in encoded])]
         for batch in self._label_micro_batches(encoded, scorer, len(prefix)):
-            yield self._halving_on_oom(batch, lambda b: self._label(b, scorer, prefix))
+            yield self._halving_on_oom(
+                batch, lambda b: self._label(b, scorer, prefix, spec.adapter)
+            )
 
     def _label_micro_batches(
         self, encoded: list[Encoded], scorer: ChoiceScorer, shared: int
@@ -297,16 +336,16 @@ class Engine:
         if spec.choices:
             yield from self.label_batches(items, spec)
             return
-        waiting: deque[Row] = deque()
-        unusable = []
-        for item in items:
-            prepared = self.prepare(item, spec)
-            if isinstance(prepared, Row):
-                waiting.append(prepared)
-            else:
-                unusable.append(prepared)
+        prepared = [self.prepare(item, spec) for item in items]
+        unusable = [p for p in prepared if isinstance(p, ItemResult)]
         if unusable:
             yield unusable
+        yield from self.generate([p for p in prepared if isinstance(p, Row)])
+
+    def generate(self, rows: Sequence[Row]) -> Iterator[list[ItemResult]]:
+        """Results of prepared rows (of any jobs and adapters) as they end, each row joining
+        the running batch as soon as it fits."""
+        waiting = deque(rows)
         while waiting or self.batcher.rows:
             group = []
             while waiting and self.batcher.fits(waiting[0], group):
@@ -322,11 +361,11 @@ class Engine:
 
     @torch.inference_mode()
     def _label(
-        self, batch: list[Encoded], scorer: ChoiceScorer, prefix: list[int]
+        self, batch: list[Encoded], scorer: ChoiceScorer, prefix: list[int], adapter: str | None
     ) -> list[ItemResult]:
         plans = [scorer.rows(e.ids, e.text) for e in batch]
         suffixes = [row[len(prefix) :] for rows, _ in plans for row in rows]
-        logits = forward_suffixes(self.model, self.prefixes, prefix, suffixes, scorer.longest)
+        logits = forward_suffixes(self.prefixes, prefix, suffixes, scorer.longest, adapter)
         results, first = [], 0
         for e, (rows, choice_tokens) in zip(batch, plans, strict=True):
             mine = logits[first : first + len(rows)]

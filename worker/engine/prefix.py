@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+
+from worker.engine.adapters import Adapters
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -24,55 +27,70 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 
 class PrefixCache:
-    """Holds the KV cache of the last prefix seen (jobs send the same prefix chunk after chunk)."""
+    """Holds the KV cache of the last prefix seen (jobs send the same prefix chunk after chunk),
+    and runs the model with the rows' adapter, if any."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self._ids: tuple[int, ...] = ()
+    def __init__(self, model: Any, adapters: Adapters | None = None) -> None:
+        self.model, self.adapters = model, adapters
+        self._key: tuple[str | None, tuple[int, ...]] = (None, ())
         self._cache: Any = None
 
+    def serving(self, adapter: str | None, rows: int) -> Any:
+        if self.adapters is None:
+            return nullcontext()
+        return self.adapters.serving([adapter] * rows)
+
     @torch.inference_mode()
-    def for_rows(self, prefix: Sequence[int], rows: int) -> Any:
-        """A fresh cache holding `prefix` for `rows` rows, ready to be continued."""
-        if tuple(prefix) != self._ids:
+    def for_rows(self, prefix: Sequence[int], rows: int, adapter: str | None = None) -> Any:
+        """A fresh cache holding `prefix` (as `adapter` computes it) for `rows` rows."""
+        if (adapter, tuple(prefix)) != self._key:
             ids = torch.tensor([list(prefix)], device=self.model.device)
-            self._cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
-            self._ids = tuple(prefix)
+            with self.serving(adapter, 1):
+                self._cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+            self._key = (adapter, tuple(prefix))
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(rows)
         return cache
 
 
 def forward_suffixes(
-    model: Any, prefixes: PrefixCache, prefix: Sequence[int], suffixes: list[list[int]], keep: int
+    prefixes: PrefixCache,
+    prefix: Sequence[int],
+    suffixes: list[list[int]],
+    keep: int,
+    adapter: str | None = None,
 ) -> torch.Tensor:
-    """Logits of the last `keep` positions of each row `prefix + suffix`, the prefix from cache.
+    """Logits of the last `keep` positions of each row `prefix + suffix`, the prefix from cache,
+    every row run with `adapter` (None: the base model).
 
     Rows are padded on the right, so every token sits in the cache slot of its own position
     (sliding-window layers count slots, so padding in the middle would shift their window);
     the head is applied only at the positions asked for, not to the whole vocabulary everywhere.
     """
     start, width, rows = len(prefix), max(map(len, suffixes)), len(suffixes)
-    pad = model.config.pad_token_id or 0
+    pad = prefixes.model.config.pad_token_id or 0
     input_ids = torch.full((rows, width), pad, dtype=torch.long)
     mask = torch.zeros((rows, start + width), dtype=torch.long)
     mask[:, :start] = 1
     for row, suffix in enumerate(suffixes):
         input_ids[row, : len(suffix)] = torch.tensor(suffix)
         mask[row, start : start + len(suffix)] = 1
+    model = prefixes.model
     device = model.device
-    cache = prefixes.for_rows(prefix, rows) if start else None
-    hidden = model.model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=torch.arange(start, start + width, device=device).expand(rows, -1),
-        cache=cache,
-        use_cache=cache is not None,
-    ).last_hidden_state
+    cache = prefixes.for_rows(prefix, rows, adapter) if start else None
+    with prefixes.serving(adapter, rows):
+        hidden = model.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=torch.arange(start, start + width, device=device).expand(rows, -1),
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
     lengths = torch.tensor([len(suffix) for suffix in suffixes], device=device)
     # A row shorter than `keep` repeats its first position; callers never read those.
     wanted = (lengths[:, None] - keep + torch.arange(keep, device=device)).clamp(min=0)
     picked = hidden[torch.arange(rows, device=device)[:, None], wanted]
-    logits = model.lm_head(picked).float()
+    with prefixes.serving(adapter, rows):  # an adapter may target the head too
+        logits = model.lm_head(picked).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
