@@ -52,6 +52,9 @@ def test_dashboard_lists_jobs_and_charts_labels(
     assert listed.count() == 2
     assert page.locator(f"tr.job >> text={labelled.id}").count() == 1
     assert page.locator(".bar[aria-valuenow='100']").count() == 2
+    page.wait_for_selector("tr.worker")  # the fleet: the stack's one worker
+    cells = page.locator("tr.worker td")
+    assert [cells.nth(i).inner_text() for i in (2, 3)] == [TINY, "cpu · none"]
 
     page.click(f"text={labelled.id}")
     page.wait_for_selector("#label-chart")

@@ -151,6 +151,11 @@ def run_workers(
             f"{settings.model} is an adapter of {prepared.base}: workers of {prepared.base} "
             "serve it; start those (--model " + prepared.base + ")"
         )
+    if not prepared.has_weights:
+        raise AppError(
+            f"{settings.model} is prepared here without its weights (--tokenizer-only, for an "
+            f"API machine); run `gemma-batch model prepare {settings.model}` to fetch them"
+        )
     if gpus == ["all"]:
         gpus = list(gpu_cards())
         if not gpus:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from gemma_batch.models.cache import get_prepared
 from gemma_batch.settings import get_settings
 from gemma_batch.store.claims import claim_chunk
+from gemma_batch.store.fleet import Report
 from gemma_batch.store.sessions import reset_sql_engine
 from worker import metrics
 from worker.heartbeat import with_db_retries
@@ -75,7 +77,24 @@ def load_engine() -> Any:
 
 def start_scheduler(worker: str) -> Scheduler:
     """The process's scheduler over a freshly loaded engine; `worker` names its leases."""
-    return Scheduler(load_engine(), get_settings(), worker).start()
+    from worker.engine.loader import resolve_device, resolve_quantization
+
+    settings = get_settings()
+    engine = load_engine()
+    device = str(engine.model.device)
+    if device.startswith("cuda") and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        device = f"cuda (GPU {os.environ['CUDA_VISIBLE_DEVICES']})"
+    path = get_prepared(settings.model_dir, settings.model).path
+    identity = Report(
+        id=worker,
+        host=socket.gethostname(),
+        model=settings.model,
+        device=device,
+        quantization=resolve_quantization(
+            settings.quantization, resolve_device(settings.device), path
+        ),
+    )
+    return Scheduler(engine, settings, worker, identity).start()
 
 
 def process_chunk(job_id: str, chunk: int, worker: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -28,6 +28,7 @@ from gemma_batch.domain.params import JobSpec
 from gemma_batch.domain.records import FINISHED_JOB_STATES, INTERACTIVE_PRIORITY, ItemResult
 from gemma_batch.settings import Settings
 from gemma_batch.store.claims import Claimed, claim_next, mark_started, release_leases
+from gemma_batch.store.fleet import Report
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Job
 from worker import metrics
@@ -74,8 +75,14 @@ class Held:
 class Scheduler:
     """The process's batch: claims, admissions, decode steps, cancels; results to the writer."""
 
-    def __init__(self, engine: Any, settings: Settings, worker: str) -> None:
+    def __init__(
+        self, engine: Any, settings: Settings, worker: str, identity: Report | None = None
+    ) -> None:
+        """`identity`: how this worker shows in the fleet view (none: it does not show)."""
         self.engine, self.settings, self.worker = engine, settings, worker
+        self.identity = identity
+        self._done = 0  # items stored; guarded by _lock
+        self._rate_since = (time.monotonic(), 0)
         self._lock = threading.Condition()
         self._held: dict[int, Held] = {}  # by item id; guarded by _lock
         self._inbox: list[Held] = []  # delivered, not yet seen by the loop; guarded by _lock
@@ -84,7 +91,9 @@ class Scheduler:
         self._backlog: deque[Held] = deque()  # the loop's own: claimed, waiting for a slot
         self._polled = {"interactive": 0.0, "pull": 0.0, "pull-warning": -1e9}
         self.writer = ResultWriter(self._stored, self._release)
-        self._heartbeat = Heartbeat(self._held_ids, worker, settings.lease_seconds)
+        self._heartbeat = Heartbeat(
+            self._held_ids, worker, settings.lease_seconds, self._report if identity else None
+        )
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     def start(self) -> Scheduler:
@@ -435,6 +444,7 @@ class Scheduler:
                 assert isinstance(held, Held)
                 if self._held.pop(held.claim.item_id, None) is not None and held.ticket:
                     held.ticket.stored += 1
+            self._done += len(owners)
             if not still_open:
                 self._over.add(job_id)
             self._lock.notify_all()
@@ -450,3 +460,15 @@ class Scheduler:
     def _held_ids(self) -> list[int]:
         with self._lock:
             return list(self._held)
+
+    def _report(self) -> Report:
+        """This worker for the fleet view: items stored, their rate since the last beat, and the
+        jobs it holds items of."""
+        assert self.identity is not None
+        with self._lock:
+            done, jobs = self._done, sorted({held.job_id for held in self._held.values()})
+        now = time.monotonic()
+        since, before = self._rate_since
+        self._rate_since = (now, done)
+        rate = (done - before) / (now - since) if now > since else 0.0
+        return replace(self.identity, items_done=done, rows_per_second=rate, jobs=jobs)

@@ -37,7 +37,7 @@ from gemma_batch.errors import (
 )
 from gemma_batch.models.cache import PreparedModel, get_prepared
 from gemma_batch.settings import Settings
-from gemma_batch.store.tables import Item, Job, utcnow
+from gemma_batch.store.tables import Item, Job, db_now, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ def store_job(
         model=model.served_by,
         adapter=model.name if model.base else None,
         status=JobStatus.UPLOADING,
+        created_at=db_now(session),  # the sweep's clock, whatever this host's says
         params=spec.params.model_dump(),
         prefix=spec.prefix or None,
         chat=spec.chat,
@@ -337,7 +338,7 @@ def store_job(
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
         _remove(session, job.id)
         raise ServiceUnavailable("the job queue is unreachable; nothing was stored") from exc
-    job.dispatched_at = utcnow()
+    job.dispatched_at = db_now(session)  # the sweep reckons its grace from it, in SQL's time
     session.commit()
     log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job

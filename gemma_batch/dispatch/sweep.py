@@ -26,7 +26,7 @@ from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
 from gemma_batch.settings import Settings
 from gemma_batch.store.claims import lease_free
 from gemma_batch.store.sessions import session_scope
-from gemma_batch.store.tables import Item, Job, utcnow
+from gemma_batch.store.tables import Item, Job, db_now
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def chunks_in_broker(client: redis.Redis, models: set[str]) -> set[tuple[str, in
 
 def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, int]]:
     """Pending, unleased items by (job, model) and chunk, of jobs dispatched over `grace` ago."""
-    now = utcnow()
+    now = db_now(session)
     cutoff = now - timedelta(seconds=grace)
     settled = or_(
         Job.dispatched_at < cutoff,
@@ -92,7 +92,7 @@ def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, 
 
 def drop_stale_uploads(session: Session) -> None:
     """Remove jobs whose upload stopped (its API process died): they never became visible."""
-    cutoff = utcnow() - timedelta(hours=STALE_UPLOAD_HOURS)
+    cutoff = db_now(session) - timedelta(hours=STALE_UPLOAD_HOURS)
     stale = session.execute(
         delete(Job).where(Job.status == JobStatus.UPLOADING, Job.created_at < cutoff)
     ).rowcount
@@ -119,7 +119,7 @@ def sweep(client: redis.Redis, grace: float) -> int:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.dispatched_at.is_(None))
-                .values(dispatched_at=utcnow())
+                .values(dispatched_at=db_now(session))
             )
             sent += len(missing)
         session.commit()

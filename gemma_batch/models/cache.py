@@ -22,6 +22,8 @@ from gemma_batch.models.registry import REGISTRY
 
 # Written into an adapter's folder by `model prepare --adapter-of`: {"base": NAME}.
 ADAPTER_OF = "adapter_of.json"
+# A model's weight files; a folder prepared `--tokenizer-only` (for an API) has none.
+WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -65,6 +67,12 @@ class PreparedModel:
         text = config.get("text_config", config)
         assert isinstance(text, dict)
         return int(text.get("max_position_embeddings", 8192))
+
+    @property
+    def has_weights(self) -> bool:
+        """False for a model prepared `--tokenizer-only`: an API may count its tokens, but no
+        worker can load it."""
+        return any(any(self.path.glob(pattern)) for pattern in WEIGHTS)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

@@ -27,7 +27,7 @@ from gemma_batch.domain.records import (
     JobStatus,
     WorkItem,
 )
-from gemma_batch.store.tables import Item, Job, utcnow
+from gemma_batch.store.tables import Item, Job, db_now
 
 # How many open jobs one pull looks at, in priority order.
 JOBS_SCANNED = 200
@@ -69,7 +69,7 @@ def take_leases(
 
     One conditional UPDATE: of two workers racing for the same rows, only one gets each row.
     """
-    now = utcnow()
+    now = db_now(session)
     ids = session.scalars(
         update(Item)
         .where(*where, Item.status == ItemStatus.PENDING, lease_free(now))
@@ -123,7 +123,7 @@ def mark_started(session: Session, item_ids: list[int]) -> None:
     session.execute(
         update(Item)
         .where(Item.id.in_(item_ids))
-        .values(attempts=Item.attempts + 1, started_at=utcnow())
+        .values(attempts=Item.attempts + 1, started_at=db_now(session))
     )
     session.commit()
 
@@ -142,7 +142,7 @@ def renew_leases(session: Session, item_ids: list[int], worker: str, lease_secon
     session.execute(
         update(Item)
         .where(Item.id.in_(item_ids), Item.worker == worker, Item.status == ItemStatus.PENDING)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_until=db_now(session) + timedelta(seconds=lease_seconds))
     )
     session.commit()
 
@@ -167,7 +167,7 @@ def claim_next(
     )
     if interactive:
         query = query.where(Job.priority == INTERACTIVE_PRIORITY)
-    now = utcnow()
+    now = db_now(session)
     specs: dict[str, JobSpec] = {}
     candidates: list[int] = []
     for job in session.scalars(query):

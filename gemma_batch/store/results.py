@@ -12,7 +12,7 @@ from gemma_batch.domain.records import (
     ItemStatus,
     JobStatus,
 )
-from gemma_batch.store.tables import Item, Job, utcnow
+from gemma_batch.store.tables import Item, Job, db_now
 
 
 def record_results(session: Session, job_id: str, results: list[ItemResult]) -> bool:
@@ -21,7 +21,7 @@ def record_results(session: Session, job_id: str, results: list[ItemResult]) -> 
     Only pending items are written, so a repeated write (a redelivered chunk) changes nothing,
     and the counts move by exactly the rows that changed.
     """
-    now = utcnow()
+    now = db_now(session)
     completed = failed = 0
     for result in results:
         status = ItemStatus.FAILED if result.error else ItemStatus.COMPLETED

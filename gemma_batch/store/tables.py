@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -19,9 +20,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    func,
+    select,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from gemma_batch.domain.records import BATCH_PRIORITY, ItemStatus, JobStatus
 
@@ -36,6 +39,20 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def db_now(session: Session) -> datetime:
+    """The store's clock: what leases, their expiry and the sweep's decisions are reckoned in.
+
+    On PostgreSQL the server's own clock (clock_timestamp(): this very moment, not the
+    transaction's start), so machines whose clocks disagree still agree on when a lease ends.
+    The SQLite store is a file on one machine, whose processes share its clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        moment = session.scalar(select(func.clock_timestamp()))
+        assert moment is not None
+        return moment.astimezone(UTC)
+    return utcnow()
 
 
 def as_utc(moment: datetime | None) -> datetime | None:
@@ -245,3 +262,25 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Worker(Base):
+    """A worker process, as it last reported itself (every heartbeat): what the fleet view shows.
+
+    A process that stops cleanly removes its row; one that dies stops reporting and drops out of
+    the view once `last_seen` is a lease's length old.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # as it names its leases
+    host: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(200))
+    quantization: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    items_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    # The jobs whose items it holds now (any tenant's: the API shows each caller only theirs).
+    jobs: Mapped[list[str]] = mapped_column(JSON, default=list)

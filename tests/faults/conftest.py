@@ -350,6 +350,7 @@ class Store:
                 Item.output,
                 Item.error,
                 Item.finished_at,
+                Item.worker,
             )
             .where(Item.job_id == job_id)
             .order_by(Item.index)
@@ -481,12 +482,12 @@ class FaultStack:
         self._clients.append(client)
         return client
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "gemma_batch", *args],
-                env=self.env,
+                env=self.env | (env or {}),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,  # own process group; dies with us
@@ -515,8 +516,8 @@ class FaultStack:
 
         wait_for(healthy, 60, self.tails, 0.3)
 
-    def start_worker(self, name: str, wait: bool = True) -> None:
-        self._spawn(name, "worker", "--device", "cpu")
+    def start_worker(self, name: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
+        self._spawn(name, "worker", "--device", "cpu", env=env)
         if wait:
             self.wait_worker_ready(name)
 
