@@ -52,11 +52,13 @@ def create_key(
     tenant: str,
     webhook_secret: str | None = None,
     generate_secret: bool = False,
+    weight: int | None = None,
 ) -> NewKey:
     """A new key for `tenant`, made with the tenant if it is new.
 
     `webhook_secret` sets (or replaces) the tenant's own webhook signing key; with
-    `generate_secret`, a new tenant given none gets a random one, returned once.
+    `generate_secret`, a new tenant given none gets a random one, returned once. `weight` sets
+    (or replaces) the tenant's share of the workers (gemma_batch.store.shares; new tenants: 1).
     """
     check_tenant_name(tenant)
     generated = None
@@ -64,10 +66,13 @@ def create_key(
     if record is None:
         if webhook_secret is None and generate_secret:
             webhook_secret = generated = secrets.token_urlsafe(32)
-        session.add(Tenant(name=tenant, webhook_secret=webhook_secret))
+        record = Tenant(name=tenant, webhook_secret=webhook_secret, weight=weight or 1)
+        session.add(record)
         session.flush()  # the key row refers to it
     elif webhook_secret is not None:
         record.webhook_secret = webhook_secret
+    if weight is not None:
+        record.weight = weight
     key_id = secrets.token_hex(6)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     session.add(ApiKey(id=key_id, tenant=tenant, key_hash=_hash(key)))
@@ -98,8 +103,14 @@ def revoke_key(session: Session, key_id: str) -> ApiKey:
     return record
 
 
-def list_keys(session: Session) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).order_by(ApiKey.tenant, ApiKey.created_at)))
+def list_keys(session: Session) -> list[tuple[ApiKey, int]]:
+    """Every key, with its tenant's weight."""
+    rows = session.execute(
+        select(ApiKey, Tenant.weight)
+        .join(Tenant, Tenant.name == ApiKey.tenant)
+        .order_by(ApiKey.tenant, ApiKey.created_at)
+    )
+    return list(rows.tuples())
 
 
 def webhook_secret_of(session: Session, tenant: str) -> str | None:

@@ -17,7 +17,7 @@ from api.jobs.webhooks import deliver_forever
 from api.limits import BodySizeLimit
 from api.openai.routes import router as openai_router
 from api.ops.routes import router as ops_router
-from gemma_batch.dispatch.sweep import reconcile_forever
+from gemma_batch.dispatch.dispatcher import dispatch_forever
 from gemma_batch.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,11 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             "AUTH IS OFF (GEMMA_BATCH_AUTH=false): anyone who can reach this API can read and "
             "submit every job as the 'default' tenant. Use this for local work only."
         )
-    # Webhooks and the sweep for lost tasks run in the API process, which every stack runs.
+    # Webhooks and the dispatcher (with the sweep for lost tasks) run in the API process, which
+    # every stack runs.
     loops = [
         asyncio.create_task(deliver_forever(settings)),
-        asyncio.create_task(reconcile_forever(settings)),
+        asyncio.create_task(dispatch_forever(settings)),
     ]
     yield
     for loop in loops:

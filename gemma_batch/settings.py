@@ -116,8 +116,14 @@ class Settings(BaseSettings):
     max_queued_items: int = Field(
         5_000_000, ge=1, description="Most items one tenant may have queued or running."
     )
+    files_url: str = Field(
+        "sql",
+        pattern=r"^(sql|s3://[a-z0-9][a-z0-9.\-]{2,62}(/[^\s]*)?|file:[^\s]*)$",
+        description="Where /v1/files keeps contents: sql (the database), s3://bucket/prefix, or "
+        "file: (the folder files_dir; one machine only).",
+    )
     files_dir: Path = Field(
-        Path(""), description="Where uploaded and result files are kept; empty: data_dir/files."
+        Path(""), description="The folder of files_url file:; empty: data_dir/files."
     )
     max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest file for /v1/files.")
     max_batch_requests: int = Field(50_000, ge=1, description="Most requests in one batch file.")
@@ -139,11 +145,20 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=2, description="Runs an item may start without finishing before it is failed."
     )
+    dispatch_window: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Chunks each live worker of a model may have waiting in the broker.",
+    )
+    dispatch_interval: float = Field(
+        0.5, gt=0, le=60, description="Seconds between the dispatcher's top-ups of each queue."
+    )
     reconcile_interval: float = Field(
         30.0, gt=0, description="Seconds between the API's sweeps for chunks whose task was lost."
     )
     reconcile_grace: float = Field(
-        60.0, ge=0, description="Seconds a just-dispatched job is left to the queue before a sweep."
+        60.0, ge=0, description="Seconds a just-released chunk is left to the queue before a sweep."
     )
     task_time_limit: float = Field(
         3000.0, gt=0, description="Seconds one chunk task may run before its process is killed."

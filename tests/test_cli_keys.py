@@ -6,6 +6,7 @@ import subprocess
 
 from api import auth
 from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import Tenant
 from tests.conftest import run_cli
 
 
@@ -43,11 +44,35 @@ def test_create_list_and_revoke(sqlite_url: str) -> None:
     assert row.count("Z") == 2  # created and revoked dates
 
 
+def _weight(tenant: str) -> int:
+    with session_scope() as session:
+        record = session.get(Tenant, tenant)
+        assert record is not None
+        return record.weight
+
+
+def test_weight_is_set_at_create_and_changed_by_a_later_key(sqlite_url: str) -> None:
+    assert _cli("create", "--tenant", "plain").returncode == 0
+    assert _weight("plain") == 1
+    made = _cli("create", "--tenant", "big", "--weight", "3")
+    assert made.returncode == 0, made.stderr
+    assert _weight("big") == 3
+    # Another key without --weight keeps it; with one, changes it.
+    assert _cli("create", "--tenant", "big").returncode == 0
+    assert _weight("big") == 3
+    assert _cli("create", "--tenant", "big", "--weight", "5").returncode == 0
+    assert _weight("big") == 5
+    rows = [line.split("│") for line in _cli("list").stdout.splitlines() if "big" in line]
+    assert len(rows) == 3 and all(row[3].strip() == "5" for row in rows), rows
+
+
 def test_bad_input_is_one_readable_line(sqlite_url: str) -> None:
     for args, message in [
         (("revoke", "nope"), "no API key 'nope'"),
         (("create", "--tenant", "bad name!"), "tenant name 'bad name!'"),
         (("create",), "Missing option '--tenant'"),
+        (("create", "--tenant", "acme", "--weight", "0"), "Invalid value for '--weight'"),
+        (("create", "--tenant", "acme", "--weight", "1001"), "Invalid value for '--weight'"),
     ]:
         out = _cli(*args)
         assert out.returncode != 0, args

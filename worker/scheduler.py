@@ -114,7 +114,7 @@ class Scheduler:
     # --- what the Celery tasks call --------------------------------------------------------
 
     def submit(self, ticket: Ticket, spec: JobSpec | None, claimed: list[Claimed]) -> None:
-        """Hand over a delivered chunk's claimed items; they go ahead of pulled ones."""
+        """Hand over a delivered chunk's claimed items (sync requests' go ahead of the rest)."""
         with self._lock:
             for claim in claimed:
                 assert spec is not None
@@ -144,7 +144,11 @@ class Scheduler:
     def _turn(self) -> bool:
         """Claim, admit, step once; False once stopping and nothing is held any more."""
         with self._lock:
-            self._backlog.extendleft(reversed(self._inbox))
+            # Delivered sync requests go first; other deliveries take their turn behind what was
+            # claimed before them, so a chunk's message cannot jump other tenants' pulled rows.
+            sync = [h for h in self._inbox if h.claim.priority == INTERACTIVE_PRIORITY]
+            self._backlog.extendleft(reversed(sync))
+            self._backlog.extend(h for h in self._inbox if h.claim.priority != INTERACTIVE_PRIORITY)
             self._inbox.clear()
             over, self._over = self._over, set()
             if self._stopping and not self._held:
@@ -177,7 +181,9 @@ class Scheduler:
         batcher = self.engine.batcher
         if self._due("interactive", INTERACTIVE_POLL):
             self._claim(RESERVED_ROWS, interactive=True)
-        room = batcher.max_rows - len(batcher.rows) - len(self._backlog)
+        # Claimed items wait here unleased to others: hold no more than the batch can take in, so
+        # other workers (and other tenants' items, pulled in their turn) are not kept waiting.
+        room = batcher.capacity() - len(batcher.rows) - len(self._backlog)
         wanted = min(room, self.settings.merge_items)
         if wanted > 0 and (not self._backlog or self._due("pull", PULL_POLL)):
             self._claim(wanted, interactive=False)

@@ -17,11 +17,12 @@ from api.jobs.ingest import detect_format, iter_rows
 from api.jobs.schemas import FileJob, JobCreate, JobOptions
 from api.jobs.templates import Template
 from api.jobs.webhooks import Allowlist, TargetRefused, check_url
-from gemma_batch.dispatch.queues import enqueue_chunks
+from gemma_batch.dispatch.dispatcher import Release, release, send
 from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.records import (
     BATCH_PRIORITY,
     FINISHED_JOB_STATES,
+    INTERACTIVE_PRIORITY,
     OPEN_JOB_STATES,
     ItemStatus,
     JobStatus,
@@ -269,7 +270,7 @@ def store_job(
     request_hash: str | None = None,
     unique_ids: bool = False,
 ) -> Job:
-    """Store the job and all its items, then enqueue one task per chunk.
+    """Store the job and all its items, then release its first chunks to the broker.
 
     Items arrive as a stream and go in by batches, each its own short transaction when there is
     more than one, so a huge upload never sits in memory nor holds the database from other
@@ -321,6 +322,7 @@ def store_job(
         if unique_ids:
             _check_unique_ids(session, job.id)
         job.total = total
+        job.chunks = -(-total // settings.chunk_size)
         job.column_types = columns.types if columns is not None else None
         job.columns = list(columns.types) if columns is not None else None
         _publish(session, job, settings)
@@ -329,17 +331,24 @@ def store_job(
         if not whole:
             _remove(session, job.id)
         raise
+    interactive = priority == INTERACTIVE_PRIORITY
+    if interactive:  # a sync request goes out whole, past any window
+        job.released, job.dispatched_at = job.chunks, db_now(session)
+    session.commit()  # published: from here on the dispatcher may release it
     size = settings.chunk_size
     sizes = [min(size, total - start) for start in range(0, total, size)]
+    releases = (
+        [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
+        if interactive  # else the model's window's room, at once rather than on the next tick
+        else release(session, job.model, settings)
+    )
     try:
-        enqueue_chunks(job.id, job.model, list(enumerate(sizes)), priority)
+        send(releases)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
         # Nothing half-done stays behind: the job is removed and the caller may simply retry.
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
         _remove(session, job.id)
         raise ServiceUnavailable("the job queue is unreachable; nothing was stored") from exc
-    job.dispatched_at = db_now(session)  # the sweep reckons its grace from it, in SQL's time
-    session.commit()
     log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
     return job
 
@@ -412,6 +421,7 @@ def _publish(session: Session, job: Job, settings: Settings) -> None:
         .values(
             status=JobStatus.QUEUED,
             total=job.total,
+            chunks=job.chunks,
             columns=job.columns,
             column_types=job.column_types,
         )

@@ -21,6 +21,7 @@ from api.jobs.ingest import text_problem
 from api.jobs.schemas import JobOptions
 from api.jobs.service import MAX_ID, NewItem
 from api.openai import files
+from api.openai.filestore import file_store, open_file
 from api.openai.schemas import CONTEXT_ERROR, BatchCreate, CompletionRequest, answer_body, unix
 from api.paging import item_pages
 from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
@@ -47,7 +48,7 @@ def read_requests(
     seen: dict[str, int] = {}
     model = None
     limit = settings.max_row_bytes
-    with files.path_of(settings, file_id).open("rb") as lines:
+    with open_file(file_store(settings), file_id) as lines:
         for number, raw in enumerate(iter(lambda: lines.readline(limit + 1), b""), start=1):
             if len(errors) >= MAX_ERRORS:
                 break

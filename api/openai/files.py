@@ -1,25 +1,20 @@
-"""Files for the OpenAI-compatible API: rows in SQL, bytes in the files folder, streamed."""
+"""Files for the OpenAI-compatible API: rows in SQL, bytes in the file store, streamed."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.openai.filestore import file_store
 from gemma_batch.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge
 from gemma_batch.settings import Settings
 from gemma_batch.store.tables import File
 
 COPY_BLOCK = 1 << 20
 UPLOAD_PURPOSES = ("batch", "user_data")
-
-
-def path_of(settings: Settings, file_id: str) -> Path:
-    return settings.files_dir / file_id
 
 
 def save_upload(
@@ -30,7 +25,7 @@ def save_upload(
     purpose: str,
     tenant: str,
 ) -> File:
-    """Copy an upload into the files folder block by block, then record it."""
+    """Copy an upload into the file store block by block, then record it."""
     # batch_output files are the service's own (a batch's results): nobody uploads one.
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
@@ -52,26 +47,25 @@ def save_blocks(
     purpose: str,
     tenant: str,
 ) -> File:
-    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    """Record a file and write its contents (a failure leaves neither)."""
     record = File(tenant=tenant, purpose=purpose, filename=filename[-256:], bytes=0)
     session.add(record)
     session.flush()
-    target = path_of(settings, record.id)
-    partial = target.with_suffix(".part")
     size = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal size
+        for block in blocks:
+            size += len(block)
+            # The limit is for what callers upload; results are as large as they are.
+            if purpose in UPLOAD_PURPOSES and size > settings.max_file_bytes:
+                raise PayloadTooLarge(f"the file is larger than {settings.max_file_bytes} bytes")
+            if block:
+                yield block
+
     try:
-        with partial.open("wb") as out:
-            for block in blocks:
-                size += len(block)
-                # The limit is for what callers upload; results are as large as they are.
-                if purpose in UPLOAD_PURPOSES and size > settings.max_file_bytes:
-                    raise PayloadTooLarge(
-                        f"the file is larger than {settings.max_file_bytes} bytes"
-                    )
-                out.write(block)
-        os.replace(partial, target)
+        file_store(settings).save(session, record.id, counted())
     except BaseException:
-        partial.unlink(missing_ok=True)
         session.rollback()
         raise
     record.bytes = size
@@ -100,6 +94,6 @@ def list_files(
 
 def delete_file(session: Session, settings: Settings, file_id: str, tenant: str) -> None:
     record = get_file(session, file_id, tenant)
+    file_store(settings).delete(session, file_id)
     session.delete(record)
     session.commit()
-    path_of(settings, file_id).unlink(missing_ok=True)

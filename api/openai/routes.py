@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.openai import batches, files
 from api.openai.completions import complete
+from api.openai.filestore import file_store
 from api.openai.schemas import (
     BatchCreate,
     BatchObject,
@@ -74,12 +76,27 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject
     return FileObject.of(files.get_file(session, file_id, tenant))
 
 
-@router.get("/files/{file_id}/content", response_class=FileResponse)
+@router.get("/files/{file_id}/content", response_class=StreamingResponse)
 def file_content(
     file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
-) -> FileResponse:
+) -> StreamingResponse:
     record = files.get_file(session, file_id, tenant)
-    return FileResponse(files.path_of(settings, file_id), filename=record.filename)
+    return StreamingResponse(
+        file_store(settings).blocks(file_id),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(record.bytes),
+            "Content-Disposition": _attachment(record.filename),
+        },
+    )
+
+
+def _attachment(filename: str) -> str:
+    # As Starlette's FileResponse writes it: RFC 6266's encoded form when the name needs it.
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
 
 
 @router.delete("/files/{file_id}")

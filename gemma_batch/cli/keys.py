@@ -16,6 +16,8 @@ from gemma_batch.store.tables import as_utc
 console = Console()
 # The key and secret go alone to stdout, so a script can capture them; what they are, to stderr.
 notes = Console(stderr=True)
+# Weights are shares: 1,000 to 1 is already "this tenant first"; bigger ones add nothing.
+MAX_WEIGHT = 1000
 keys_app = typer.Typer(help="API keys: each belongs to one tenant.", no_args_is_help=True)
 
 
@@ -30,10 +32,18 @@ def create(
         str | None,
         typer.Option(help="The tenant's webhook signing key (default for a new tenant: random)."),
     ] = None,
+    weight: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_WEIGHT,
+            help="The tenant's share of the workers against others' (default for a new tenant: 1).",
+        ),
+    ] = None,
 ) -> None:
     """Make a key and print it once: only its hash is kept."""
     with session_scope() as session:
-        made = auth.create_key(session, tenant, webhook_secret, generate_secret=True)
+        made = auth.create_key(session, tenant, webhook_secret, generate_secret=True, weight=weight)
     notes.print(f"API key for tenant '{made.tenant}' (id {made.id}); it is not shown again:")
     print(made.key)
     if made.webhook_secret:
@@ -44,10 +54,12 @@ def create(
 @keys_app.command("list")
 def list_keys() -> None:
     """Every key's id, tenant and dates (never the key itself)."""
-    table = Table("id", "tenant", "created", "revoked")
+    table = Table("id", "tenant", "weight", "created", "revoked")
     with session_scope() as session:
-        for key in auth.list_keys(session):
-            table.add_row(key.id, key.tenant, _when(key.created_at), _when(key.revoked_at))
+        for key, weight in auth.list_keys(session):
+            table.add_row(
+                key.id, key.tenant, str(weight), _when(key.created_at), _when(key.revoked_at)
+            )
     console.print(table)
 
 

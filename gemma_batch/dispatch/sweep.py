@@ -1,16 +1,16 @@
 """Re-enqueue chunks whose task was lost. SQL is the truth; Redis is only the transport.
 
-A chunk is stranded when it still has pending items that no live worker leases while no message
-for it waits in its queue. That happens when Redis restarts without its data, when a worker
-dies past redelivery (a lost machine: Redis would hand its unacknowledged chunk out again only
-after the visibility timeout, an hour by default), or when an API process stops between storing
-a job and enqueueing it. Sending a chunk twice is harmless (leases and pending-only writes see
-to that), so the sweep need not be exact, only eventually complete.
+A released chunk is stranded when it still has pending items that no live worker leases while no
+message for it waits in its queue. That happens when Redis restarts without its data, when a
+worker dies past redelivery (a lost machine: Redis would hand its unacknowledged chunk out again
+only after the visibility timeout, an hour by default), or when the dispatcher stops between
+recording a release and sending it. Sending a chunk twice is harmless (leases and pending-only
+writes see to that), so the sweep need not be exact, only eventually complete. Chunks not yet
+released are the dispatcher's (gemma_batch.dispatch.dispatcher), which runs the sweep.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -18,22 +18,17 @@ from collections import defaultdict
 from datetime import timedelta
 
 import redis
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.dispatch.queues import RUN_CHUNK, enqueue_chunks, queue_name
 from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
-from gemma_batch.settings import Settings
-from gemma_batch.store.claims import lease_free
 from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.shares import lease_free
 from gemma_batch.store.tables import Item, Job, db_now
 
 log = logging.getLogger(__name__)
 
-LOCK = "gemma-batch:reconciler"
-# A job whose enqueueing never finished (its API stopped) is swept after this many graces:
-# a huge upload may still be sending its chunks well after the job was created.
-UNDISPATCHED_GRACES = 10
 # An upload still going in after this long has lost its API process (a 1M-row upload takes
 # about a minute).
 STALE_UPLOAD_HOURS = 6
@@ -63,22 +58,16 @@ def chunks_in_broker(client: redis.Redis, models: set[str]) -> set[tuple[str, in
 
 
 def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, int]]:
-    """Pending, unleased items by (job, model) and chunk, of jobs dispatched over `grace` ago."""
+    """Pending, unleased items of released chunks by (job, model) and chunk, of jobs whose last
+    release was over `grace` ago."""
     now = db_now(session)
-    cutoff = now - timedelta(seconds=grace)
-    settled = or_(
-        Job.dispatched_at < cutoff,
-        and_(
-            Job.dispatched_at.is_(None),
-            Job.created_at < now - timedelta(seconds=grace * UNDISPATCHED_GRACES),
-        ),
-    )
     rows = session.execute(
         select(Item.job_id, Job.model, Item.chunk, func.count())
         .join(Job, Job.id == Item.job_id)
         .where(
             Job.status.in_(OPEN_JOB_STATES),
-            settled,
+            Job.dispatched_at < now - timedelta(seconds=grace),
+            Item.chunk < Job.released,
             Item.status == ItemStatus.PENDING,
             lease_free(now),
         )
@@ -116,29 +105,10 @@ def sweep(client: redis.Redis, grace: float) -> int:
                 continue
             log.warning("job %s: re-enqueueing %s chunks whose task was lost", job_id, len(missing))
             enqueue_chunks(job_id, model, missing)
+            # Its grace starts again: the message may be taken but not yet claimed.
             session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.dispatched_at.is_(None))
-                .values(dispatched_at=db_now(session))
+                update(Job).where(Job.id == job_id).values(dispatched_at=db_now(session))
             )
             sent += len(missing)
         session.commit()
     return sent
-
-
-def reconcile(settings: Settings) -> int:
-    """One sweep, unless another API process holds this interval's lock."""
-    client = redis.Redis.from_url(settings.broker_url)
-    if not client.set(LOCK, "1", nx=True, ex=max(1, int(settings.reconcile_interval))):
-        return 0
-    return sweep(client, settings.reconcile_grace)
-
-
-async def reconcile_forever(settings: Settings) -> None:
-    """The sweep loop (the API runs it beside the webhooks)."""
-    while True:
-        await asyncio.sleep(settings.reconcile_interval)
-        try:
-            await asyncio.to_thread(reconcile, settings)
-        except Exception:  # Redis or the database down: the next sweep tries again
-            log.exception("reconcile sweep failed")

@@ -4,35 +4,31 @@ Every claim is one conditional UPDATE on pending, unleased items, so of two work
 the same rows only one gets each row, and a chunk delivered twice is computed once.
 
 A worker claims the items of each chunk delivered to it, and pulls more as its batch has room:
-pending items that nobody holds, of any open job of its model, sync requests first, then the
-oldest jobs. The chunks of pulled items keep their own messages in the broker: if this worker
-dies, those messages (or the sweep) bring the items back once their leases lapse, and once the
-items are done the messages find nothing left to do.
+items of released chunks (gemma_batch.dispatch.dispatcher) that nobody holds, of any open job of
+its model, shared out among tenants by weight (gemma_batch.store.shares). The chunks of pulled
+items keep their own messages in the broker: if this worker dies, those messages (or the sweep)
+bring the items back once their leases lapse, and once the items are done the messages find
+nothing left to do.
 """
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import ColumnElement, or_, select, text, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import (
     FINISHED_JOB_STATES,
-    INTERACTIVE_PRIORITY,
-    OPEN_JOB_STATES,
     ItemStatus,
     JobStatus,
     WorkItem,
 )
+from gemma_batch.store.shares import PENDING, Shares, held, lease_free, waiting, weights
 from gemma_batch.store.tables import Item, Job, db_now
-
-# How many open jobs one pull looks at, in priority order.
-JOBS_SCANNED = 200
-# Written out, not bound: SQLite uses the partial index of pending items only for a literal.
-PENDING = text("items.status = 'pending'")
 
 
 def job_spec(job: Job) -> JobSpec:
@@ -56,10 +52,6 @@ class Claimed:
     attempts: int
     item: WorkItem
     priority: int  # the job's: sync requests' rows go first
-
-
-def lease_free(now: datetime) -> ColumnElement[bool]:
-    return or_(Item.lease_until.is_(None), Item.lease_until < now)
 
 
 def take_leases(
@@ -155,35 +147,47 @@ def claim_next(
     limit: int,
     interactive: bool = False,
 ) -> tuple[dict[str, JobSpec], list[Claimed]]:
-    """Up to `limit` pending items that nobody holds, of the open jobs of `model` (only sync
-    requests' with `interactive`): sync requests first, then the oldest jobs, each job's items
-    in order. Also the spec of each job they belong to.
+    """Up to `limit` released items of `model` that nobody holds (only sync requests' with
+    `interactive`), and the spec of each job they belong to.
+
+    Sync requests first; then each item to the tenant holding least for its weight
+    (gemma_batch.store.shares), each tenant's jobs oldest first, each job's items in order.
     """
-    query = (
-        select(Job)
-        .where(Job.model == model, Job.status.in_(OPEN_JOB_STATES))
-        .order_by(Job.priority, Job.id)
-        .limit(JOBS_SCANNED)
-    )
-    if interactive:
-        query = query.where(Job.priority == INTERACTIVE_PRIORITY)
     now = db_now(session)
-    specs: dict[str, JobSpec] = {}
-    candidates: list[int] = []
-    for job in session.scalars(query):
-        wanted = limit - len(candidates)
-        if wanted <= 0:
-            break
-        found = session.scalars(
-            select(Item.id)
-            .where(Item.job_id == job.id, PENDING, lease_free(now))
-            .order_by(Item.index)
-            .limit(wanted)
-        ).all()
-        if found:
-            specs[job.id] = job_spec(job)
-            candidates += found
-    if not candidates:
+    jobs = waiting(session, model, now, interactive)
+    if not jobs:
         session.rollback()
         return {}, []
-    return specs, take_leases(session, [Item.id.in_(candidates)], worker, lease_seconds)
+    tenants = {job.tenant for job in jobs}
+    shares = Shares(held(session, model, now), weights(session, tenants))
+    lines = {tenant: deque(job for job in jobs if job.tenant == tenant) for tenant in tenants}
+    left = {job.job_id: job.items for job in jobs}
+    wanted: Counter[str] = Counter()
+    for _ in range(limit):
+        if not lines:
+            break
+        tenant = shares.next({t: (line[0].priority, 1) for t, line in lines.items()})
+        job = lines[tenant][0]
+        wanted[job.job_id] += 1
+        shares.give(tenant, 1)
+        left[job.job_id] -= 1
+        if not left[job.job_id]:
+            lines[tenant].popleft()
+            if not lines[tenant]:
+                del lines[tenant]
+    candidates: list[int] = []
+    for job in jobs:
+        if wanted[job.job_id]:
+            candidates += session.scalars(
+                select(Item.id)
+                .where(Item.job_id == job.job_id, PENDING, Item.chunk < job.released)
+                .where(lease_free(now))
+                .order_by(Item.chunk, Item.index)
+                .limit(wanted[job.job_id])
+            ).all()
+    claimed = take_leases(session, [Item.id.in_(candidates)], worker, lease_seconds)
+    specs = {
+        job.id: job_spec(job)
+        for job in session.scalars(select(Job).where(Job.id.in_({c.job_id for c in claimed})))
+    }
+    return specs, claimed

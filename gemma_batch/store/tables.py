@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -132,7 +133,11 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Each uploaded field's type over all rows (int, float, bool, text), for typed exports.
     column_types: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    # Set once every chunk is enqueued; the reconciler leaves jobs alone until then.
+    # Its chunks (numbered from 0), and how many of them the dispatcher has released to the
+    # broker so far, in order: workers pull only from released chunks (gemma_batch.dispatch).
+    chunks: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    released: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # When a chunk was last released; the sweep gives a message that long to be taken.
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -150,10 +155,12 @@ class Item(Base):
         # One row per (job, index): a repeated write can never duplicate a result.
         UniqueConstraint("job_id", "index", name="uq_items_job_id_index"),
         Index("ix_items_job_id_chunk", "job_id", "chunk"),
-        # What workers pull from: a job's pending items in order, without its finished ones.
+        # What workers pull from: a job's pending items of released chunks in order, without its
+        # finished ones.
         Index(
             "ix_items_pending",
             "job_id",
+            "chunk",
             "index",
             postgresql_where=text("status = 'pending'"),
             sqlite_where=text("status = 'pending'"),
@@ -200,7 +207,8 @@ class Item(Base):
 
 
 class File(Base):
-    """An uploaded or generated file (OpenAI Files API); the bytes live in the files folder."""
+    """An uploaded or generated file (OpenAI Files API); its bytes are in the file store
+    (api.openai.filestore): FileBlock rows by default."""
 
     __tablename__ = "files"
 
@@ -210,6 +218,18 @@ class File(Base):
     filename: Mapped[str] = mapped_column(String(256))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FileBlock(Base):
+    """One block of a file's contents, when the file store is the database (the default)."""
+
+    __tablename__ = "file_blocks"
+
+    file_id: Mapped[str] = mapped_column(
+        String(40), ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Batch(Base):
@@ -249,6 +269,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     # Kept as given, not hashed: it keys the HMAC on this tenant's job webhooks.
     webhook_secret: Mapped[str | None] = mapped_column(Text)
+    # Its share of each model's workers against other tenants' while they all have work waiting.
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

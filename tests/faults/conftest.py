@@ -62,6 +62,7 @@ FAULT_ENV = {
 TENANT = "faults"
 FINISHED = ("completed", "failed", "cancelled")
 PARAMS = {"max_new_tokens": 4}
+MODEL_READY = re.compile(r"model \S+ ready in worker process")
 CONSUMER_READY = re.compile(r" ready\.\s*$", re.MULTILINE)
 TASK_RECEIVED = re.compile(r"Task gemma_batch\.run_chunk\[([0-9a-f-]+)\] received")
 
@@ -363,6 +364,11 @@ class Store:
         with self.engine.connect() as connection:
             return connection.execute(query).one()
 
+    def released(self, job_id: str) -> int:
+        """How many of the job's chunks the dispatcher has released to the broker."""
+        with self.engine.connect() as connection:
+            return int(connection.scalar(select(Job.released).where(Job.id == job_id)) or 0)
+
     def statuses(self, job_id: str) -> dict[str, int]:
         query = select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)
         with self.engine.connect() as connection:
@@ -522,7 +528,7 @@ class FaultStack:
             self.wait_worker_ready(name)
 
     def model_loads(self, name: str) -> int:
-        return self.log(name).count(f"model {TINY} ready in worker process")
+        return len(MODEL_READY.findall(self.log(name)))
 
     def wait_worker_ready(self, name: str, loads: int = 1, timeout: float = 120) -> None:
         """Until the pool child has loaded the model `loads` times and the consumer is up."""

@@ -107,6 +107,7 @@ class Batcher:
             tuple[str | None, tuple[int, ...]], tuple[list[Any], list[Any]]
         ] = OrderedDict()
         self._bitmask: Any = None
+        self._last_width = 0  # the widest row of the last admission (see capacity)
 
     # --- capacity -------------------------------------------------------------------------
 
@@ -121,6 +122,15 @@ class Batcher:
         widest = max(row.length, *(other.length for other in others))
         count = len(others) + 1 - extra
         return count <= self.max_rows and count * widest <= self.batch_tokens
+
+    def capacity(self) -> int:
+        """Rows the batch would hold were every row as wide as its widest running one (or, while
+        it is empty, the widest of the last rows admitted): what the scheduler claims up to, so
+        it holds no more than it can run."""
+        widest = max((row.length for row in self.rows), default=self._last_width)
+        if not widest:
+            return self.max_rows
+        return max(1, min(self.max_rows, self.batch_tokens // widest))
 
     # --- joining --------------------------------------------------------------------------
 
@@ -159,6 +169,7 @@ class Batcher:
             if row.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
         self.rows.extend(rows)
+        self._last_width = max(row.length for row in rows)
         return self._advance(logits, first)
 
     def _make_room(self, joining: int, prompt: int, budget: int) -> None:
