@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +49,20 @@ from gemma_batch.cli.stack import LocalStack  # noqa: E402
 from gemma_batch.settings import get_settings  # noqa: E402
 from gemma_batch.store.sessions import reset_sql_engine  # noqa: E402
 from tests.tiny_model import build_tiny_gemma  # noqa: E402
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, explain: Callable[[], str], pause: float = 0.2
+) -> Any:
+    """Poll until `condition()` is truthy and return it; fail with `explain()` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:g} s: {explain()}")
+        time.sleep(pause)
 
 
 def run_cli(

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from api.auth import create_key
 from api.jobs import service as jobs
 from api.jobs.schemas import JobCreate
-from gemma_batch.dispatch.dispatcher import release
+from gemma_batch.dispatch.dispatcher import Release, release
 from gemma_batch.dispatch.queues import queue_name
 from gemma_batch.dispatch.sweep import chunks_in_broker, sweep
 from gemma_batch.domain.records import INTERACTIVE_PRIORITY
@@ -57,6 +57,13 @@ def _released(job_id: str) -> int:
         return job.released
 
 
+def _release(settings: Settings) -> list[Release]:
+    with session_scope() as session:
+        releases = release(session, TINY, settings)
+        session.commit()
+    return releases
+
+
 def _take(job_id: str, worker: str = "w/1") -> list[int]:
     """What a worker does with a delivered chunk: lease its released items."""
     with session_scope() as session:
@@ -81,17 +88,14 @@ def test_the_window_and_the_weights_decide_what_is_released(settings: Settings) 
     # A worker leases the window; room again, and it goes to the tenant holding least per
     # weight: light holds 8, heavy nothing, so both chunks are heavy's.
     assert _take(light) == list(range(8))
-    with session_scope() as session:
-        sent = release(session, TINY, settings)
+    sent = _release(settings)
     assert [(r.job_id, r.chunk, r.size) for r in sent] == [(heavy, 0, 4), (heavy, 1, 4)]
     assert (_released(light), _released(heavy)) == (2, 2)
-    with session_scope() as session:  # full again: nothing more
-        assert release(session, TINY, settings) == []
+    assert _release(settings) == []  # full again: nothing more
 
     # Heavy holds 8 too: per weight 8/3 against light's 8, so heavy is next again, twice.
     assert _take(heavy) == list(range(8))
-    with session_scope() as session:
-        sent = release(session, TINY, settings)
+    sent = _release(settings)
     assert [(r.job_id, r.chunk) for r in sent] == [(heavy, 2), (heavy, 3)]
 
 

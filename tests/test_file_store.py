@@ -30,8 +30,7 @@ from api.main import create_app
 from gemma_batch.cli.stack import _die_with_parent, free_port
 from gemma_batch.settings import get_settings
 from gemma_batch.store.sessions import session_scope
-from tests.conftest import TINY, _postgres_database, _use_database, bearer
-from tests.faults.conftest import wait_for
+from tests.conftest import TINY, _postgres_database, _use_database, bearer, wait_for
 
 BUCKET = "gemma-files"
 MiB = 1 << 20

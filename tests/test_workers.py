@@ -4,7 +4,7 @@ serves, how fast, and which of the caller's own jobs it runs (never another tena
 from __future__ import annotations
 
 import socket
-import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import pytest
 from api import auth
 from gemma_batch.cli.stack import LocalStack
 from gemma_batch.store.sessions import session_scope
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +30,16 @@ def _workers(stack: LocalStack, key: str) -> list[dict[str, Any]]:
     return list(response.json()["data"])
 
 
-def _until(check: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return found
+def _until(stack: LocalStack, keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """The workers the caller sees that `keep` keeps, once there is one."""
+    seen = lambda: [w for w in _workers(stack, stack.api_key) if keep(w)]  # noqa: E731
+    return wait_for(seen, 60, lambda: f"workers: {_workers(stack, stack.api_key)}")  # type: ignore[no-any-return]
 
 
 def test_workers_show_what_they_run_to_its_owner_only(stack: LocalStack) -> None:
     with session_scope() as session:
         other = auth.create_key(session, "someone-else").key
-    (worker,) = _until(lambda: _workers(stack, stack.api_key))
+    (worker,) = _until(stack, lambda w: True)
     assert (worker["host"], worker["model"], worker["device"]) == (
         socket.gethostname(),
         TINY,
@@ -52,9 +50,9 @@ def test_workers_show_what_they_run_to_its_owner_only(stack: LocalStack) -> None
 
     items = [{"prompt": f"@@sleep=0.3@@ item {i}"} for i in range(24)]
     job = stack.client().submit(TINY, items, {"max_new_tokens": 2})
-    running = _until(lambda: [w for w in _workers(stack, stack.api_key) if w["jobs"]])
+    running = _until(stack, lambda w: bool(w["jobs"]))
     assert running[0]["jobs"] == [job.id]
-    _until(lambda: [w for w in _workers(stack, stack.api_key) if w["rows_per_second"] > 0])
+    _until(stack, lambda w: w["rows_per_second"] > 0)
     # Another tenant sees the worker, busy, but not whose job it runs.
     (seen_by_other,) = _workers(stack, other)
     assert seen_by_other["id"] == worker["id"] and seen_by_other["jobs"] == []
@@ -63,7 +61,7 @@ def test_workers_show_what_they_run_to_its_owner_only(stack: LocalStack) -> None
     assert TINY in listed.stdout and worker["id"] in listed.stdout
 
     assert job.wait(poll=0.3).status == "completed"
-    done = _until(lambda: [w for w in _workers(stack, stack.api_key) if w["items_done"] >= 24])
+    done = _until(stack, lambda w: w["items_done"] >= 24)
     assert done[0]["jobs"] == []
 
 

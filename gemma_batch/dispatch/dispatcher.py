@@ -64,7 +64,8 @@ def live_workers(session: Session, model: str, within: float) -> int:
 
 
 def release(session: Session, model: str, settings: Settings) -> list[Release]:
-    """Release the next chunks of `model`'s jobs, fairly, until its window is full; commit.
+    """Release the next chunks of `model`'s jobs, fairly, until its window is full; the caller
+    commits, then sends (a release is recorded before its message goes out).
 
     The releases are compare-and-set on each job's count, so two dispatchers racing (the loop and
     a submission) never release one chunk twice; at worst the window is briefly overfull.
@@ -75,7 +76,6 @@ def release(session: Session, model: str, settings: Settings) -> list[Release]:
     room = settings.dispatch_window * settings.chunk_size * workers
     room -= sum(job.items for job in ready)
     if room <= 0:
-        session.rollback()
         return []
     backlog = session.execute(
         select(Job.id, Job.tenant, Job.priority, Job.released, Job.chunks)
@@ -83,7 +83,6 @@ def release(session: Session, model: str, settings: Settings) -> list[Release]:
         .order_by(Job.priority, Job.id)
     ).all()
     if not backlog:
-        session.rollback()
         return []
     tenants = {job.tenant for job in backlog}
     load = held(session, model, now)
@@ -128,7 +127,6 @@ def release(session: Session, model: str, settings: Settings) -> list[Release]:
         ).rowcount
         if not moved:  # another dispatcher released them first
             lost.add(job_id)
-    session.commit()
     return [r for r in out if r.job_id not in lost and r.size]
 
 
@@ -160,6 +158,7 @@ def dispatch(session: Session, settings: Settings) -> int:
     released = 0
     for model in models:
         releases = release(session, model, settings)
+        session.commit()
         send(releases)
         released += len(releases)
     return released

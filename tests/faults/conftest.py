@@ -41,7 +41,7 @@ from gemma_batch.cli.stack import _die_with_parent, free_port
 from gemma_batch.settings import get_settings
 from gemma_batch.store.sessions import reset_sql_engine, sql_engine
 from gemma_batch.store.tables import Item, Job
-from tests.conftest import TINY, _postgres_database
+from tests.conftest import TINY, _postgres_database, wait_for
 
 # What every fault test runs with: the test-only hooks on, and short lease and sweep periods,
 # so that recovery from a dead worker or a lost message takes seconds, not minutes.
@@ -89,20 +89,6 @@ def prompts(
     for index, fault in (faults or {}).items():
         items[index]["prompt"] += f" {fault}"
     return items
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float, explain: Callable[[], str], pause: float = 0.2
-) -> Any:
-    """Poll until `condition()` is truthy and return it; fail with `explain()` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting after {timeout:g} s: {explain()}")
-        time.sleep(pause)
 
 
 # --- Servers -------------------------------------------------------------------------------

@@ -102,11 +102,17 @@ class Adapters:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    def touch(self, name: str) -> bool:
+        """Mark `name` as just used; False if it is not loaded."""
+        if name not in self._loaded:
+            return False
+        self._loaded.move_to_end(name)
+        return True
+
     def load(self, name: str, folder: Path, in_use: Collection[str] = ()) -> None:
         """Make `name` ready to serve (a no-op once loaded), evicting the least recently used
         adapter that no running row is using if more than `limit` would be kept."""
-        if name in self._loaded:
-            self._loaded.move_to_end(name)
+        if self.touch(name):
             return
         config = read_config(folder)
         weights = load_peft_weights(str(folder), device=str(self.model.device))

@@ -149,10 +149,11 @@ class Engine:
     def use_adapter(self, name: str | None, joining: Sequence[Row] = ()) -> None:
         """Load an adapter before its rows run (a no-op for the base, or once loaded), keeping
         those of the running rows and of the rows `joining` with it."""
-        if name is None:
+        if name is None or self.adapters.touch(name):
             return
         if self.adapter_dir is None:
             raise AdapterError(f"adapter '{name}' asked for, but this engine has no adapter cache")
+        # Only a load may evict, so only then are the adapters in use gathered.
         rows = [*self.batcher.rows, *self.express.rows, *joining]
         in_use = {row.adapter for row in rows if row.adapter}
         self.adapters.load(name, self.adapter_dir / name, in_use)
