@@ -4,6 +4,7 @@ sync requests first, and what workers may pull (gemma_batch.dispatch.dispatcher)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def _release(settings: Settings) -> list[Release]:
         releases = release(session, TINY, settings)
         session.commit()
     return releases
+
+
+def _past() -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=5)
 
 
 def _take(job_id: str, worker: str = "w/1") -> list[int]:
@@ -148,3 +153,22 @@ def test_the_sweep_resends_released_chunks_only(settings: Settings) -> None:
     with session_scope() as session:
         pending = session.scalars(select(Item.chunk).where(Item.job_id == job_id)).all()
     assert max(pending) == 9
+
+
+def test_the_sweep_takes_on_jobs_an_older_api_stored(settings: Settings) -> None:
+    """A rolling upgrade: an API process from before the dispatcher sent every chunk at submit
+    and recorded no counts; the sweep records them all as released, then looks after them."""
+    job_id = _submit(settings, "t", 40)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(chunks=0, released=0))
+        session.commit()
+    client = redis.Redis.from_url(TEST_BROKER)
+    for key in client.scan_iter(match=f"{queue_name(TINY)}*", _type="list"):
+        client.delete(key)
+    assert sweep(client, grace=60) == 0  # just recorded: its grace starts now
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and (job.chunks, job.released) == (10, 10)
+        session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=_past()))
+        session.commit()
+    assert sweep(client, grace=60) == 10  # every chunk: none has a message

@@ -24,12 +24,14 @@ import psutil
 import pytest
 from botocore.exceptions import ClientError
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from api import auth
 from api.main import create_app
 from gemma_batch.cli.stack import _die_with_parent, free_port
 from gemma_batch.settings import get_settings
 from gemma_batch.store.sessions import session_scope
+from gemma_batch.store.tables import FileBlock
 from tests.conftest import TINY, _postgres_database, _use_database, bearer, wait_for
 
 BUCKET = "gemma-files"
@@ -229,6 +231,8 @@ def test_a_500_mb_file_goes_through_the_sql_store_in_bounded_memory(
         assert got.hexdigest() == sent.hexdigest()
         assert growth < 100, f"the API's memory grew {growth:.0f} MB"
         assert http.delete(f"/v1/files/{upload.json()['id']}").status_code == 200
+        with session_scope() as session:  # the blocks went with the record
+            assert session.scalar(select(func.count()).select_from(FileBlock)) == 0
     finally:
         api.terminate()
         api.wait(30)

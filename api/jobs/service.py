@@ -325,20 +325,28 @@ def store_job(
         job.chunks = -(-total // settings.chunk_size)
         job.column_types = columns.types if columns is not None else None
         job.columns = list(columns.types) if columns is not None else None
-        _publish(session, job, settings)
         size = settings.chunk_size
         sizes = [min(size, total - start) for start in range(0, total, size)]
-        if priority == INTERACTIVE_PRIORITY:  # a sync request goes out whole, past any window
-            job.released, job.dispatched_at = job.chunks, db_now(session)
-            releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
-        else:  # the model's window's room, at once rather than on the dispatcher's next tick
-            releases = release(session, job.model, settings)
-        session.commit()  # published, and released as far as the window allows
+        sync = priority == INTERACTIVE_PRIORITY
+        # A sync request goes out whole, past any window: released as it is published.
+        job.released = job.chunks if sync else 0
+        job.dispatched_at = db_now(session) if sync else None
+        _publish(session, job, settings)
     except BaseException:
         session.rollback()
         if not whole:
             _remove(session, job.id)
         raise
+    if sync:
+        releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
+    else:  # the model's window's room, at once rather than on the dispatcher's next tick
+        try:
+            releases = release(session, job.model, settings)
+            session.commit()
+        except Exception:  # a deadlock, say: the job is in, and the dispatcher will release it
+            session.rollback()
+            log.warning("job %s: not released at submit, the dispatcher will", job.id, exc_info=1)
+            releases = []
     try:
         send(releases)
     except Exception as exc:  # kombu raises several kinds for an unreachable broker
@@ -419,6 +427,8 @@ def _publish(session: Session, job: Job, settings: Settings) -> None:
             status=JobStatus.QUEUED,
             total=job.total,
             chunks=job.chunks,
+            released=job.released,
+            dispatched_at=job.dispatched_at,
             columns=job.columns,
             column_types=job.column_types,
         )

@@ -94,6 +94,6 @@ def list_files(
 
 def delete_file(session: Session, settings: Settings, file_id: str, tenant: str) -> None:
     record = get_file(session, file_id, tenant)
-    file_store(settings).delete(session, file_id)
     session.delete(record)
     session.commit()
+    file_store(settings).delete(file_id)

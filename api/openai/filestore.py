@@ -20,15 +20,29 @@ from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from gemma_batch.settings import Settings
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import FileBlock
 
+# What a read or a row holds at once: writers hand blocks of any size (a batch's output lines).
+BLOCK = 1 << 20
 # S3 takes a multipart upload's parts at 5 MiB or more (but the last); bigger parts, fewer calls.
 S3_PART = 16 << 20
+
+
+def even_blocks(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The same bytes in blocks of BLOCK (the last shorter)."""
+    buffer = bytearray()
+    for block in blocks:
+        buffer += block
+        while len(buffer) >= BLOCK:
+            yield bytes(buffer[:BLOCK])
+            del buffer[:BLOCK]
+    if buffer:
+        yield bytes(buffer)
 
 
 class FileStore(Protocol):
@@ -36,14 +50,15 @@ class FileStore(Protocol):
         """Write the contents; on SQL, in `session`'s transaction, which the caller commits."""
 
     def blocks(self, file_id: str) -> Iterator[bytes]:
-        """The contents, block by block."""
+        """The contents, block by block (BLOCK bytes each but the last)."""
 
-    def delete(self, session: Session, file_id: str) -> None: ...
+    def delete(self, file_id: str) -> None:
+        """Remove the contents, once the file's record is gone."""
 
 
 class SqlFiles:
     def save(self, session: Session, file_id: str, blocks: Iterable[bytes]) -> None:
-        for seq, block in enumerate(blocks):
+        for seq, block in enumerate(even_blocks(blocks)):
             # A Core insert: the ORM would keep every block it added until the commit.
             session.execute(insert(FileBlock).values(file_id=file_id, seq=seq, data=block))
 
@@ -60,8 +75,8 @@ class SqlFiles:
             yield block
             seq += 1
 
-    def delete(self, session: Session, file_id: str) -> None:
-        session.execute(delete(FileBlock).where(FileBlock.file_id == file_id))
+    def delete(self, file_id: str) -> None:
+        pass  # the database removed the blocks with the record (ON DELETE CASCADE)
 
 
 class FolderFiles:
@@ -83,9 +98,9 @@ class FolderFiles:
 
     def blocks(self, file_id: str) -> Iterator[bytes]:
         with (self.folder / file_id).open("rb") as source:
-            yield from iter(lambda: source.read(1 << 20), b"")
+            yield from iter(lambda: source.read(BLOCK), b"")
 
-    def delete(self, session: Session, file_id: str) -> None:
+    def delete(self, file_id: str) -> None:
         (self.folder / file_id).unlink(missing_ok=True)
 
 
@@ -131,11 +146,11 @@ class S3Files:
     def blocks(self, file_id: str) -> Iterator[bytes]:
         body = self.client.get_object(Bucket=self.bucket, Key=self._key(file_id))["Body"]
         try:
-            yield from body.iter_chunks(1 << 20)
+            yield from body.iter_chunks(BLOCK)
         finally:
             body.close()
 
-    def delete(self, session: Session, file_id: str) -> None:
+    def delete(self, file_id: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(file_id))
 
 
@@ -161,6 +176,13 @@ class _BlockReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        # A reader that stops early lets go of what the store holds open (an S3 response).
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
     def readinto(self, buffer: Any) -> int:
         while not self._rest:

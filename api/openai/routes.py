@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
@@ -81,12 +82,18 @@ def file_content(
     file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> StreamingResponse:
     record = files.get_file(session, file_id, tenant)
+    name, size = record.filename, record.bytes
+    # The request's session is closed only after the response: a long download must not hold a
+    # connection (the SQL store takes one per block, for a moment).
+    session.close()
+    blocks = file_store(settings).blocks(file_id)
+    first = next(blocks, b"")  # contents gone from the store: an error now, not a cut-off body
     return StreamingResponse(
-        file_store(settings).blocks(file_id),
+        chain([first], blocks),
         media_type="application/octet-stream",
         headers={
-            "Content-Length": str(record.bytes),
-            "Content-Disposition": _attachment(record.filename),
+            "Content-Length": str(size),
+            "Content-Disposition": _attachment(name),
         },
     )
 

@@ -90,10 +90,24 @@ def drop_stale_uploads(session: Session) -> None:
         log.warning("removed %s jobs whose upload never finished", stale)
 
 
+def count_old_jobs(session: Session) -> None:
+    """Jobs stored by an API process from before the dispatcher (a rolling upgrade) had every
+    chunk sent at submit and record no counts: record them as all released, so that the sweep
+    looks after their chunks too."""
+    chunks = select(func.max(Item.chunk) + 1).where(Item.job_id == Job.id).scalar_subquery()
+    session.execute(
+        update(Job)
+        .where(Job.status.in_(OPEN_JOB_STATES), Job.chunks == 0)
+        .values(chunks=chunks, released=chunks, dispatched_at=db_now(session))
+    )
+    session.commit()
+
+
 def sweep(client: redis.Redis, grace: float) -> int:
     """Send again every stranded chunk with no message in the broker; how many were sent."""
     with session_scope() as session:
         drop_stale_uploads(session)
+        count_old_jobs(session)
         lost = stranded(session, grace)
         if not lost:
             return 0
