@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
 PY := .venv/bin/python
 
-.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5 bench-w6 bench-quant
+.PHONY: demo test lint setup bench-setup bench-w1 bench-w2 bench-w3 bench-ingest bench-gpu bench-e2e bench-w5 bench-w6 bench-quant bench-dispatch
 
 setup:
 	scripts/bootstrap.sh demo
@@ -34,6 +34,10 @@ bench-w2: bench-setup
 
 bench-w3: bench-setup
 	$(PY) -m bench.w3_mixed
+
+bench-dispatch: bench-setup
+	scripts/bootstrap.sh test
+	$(PY) -m bench.dispatch
 
 bench-ingest: bench-setup
 	scripts/bootstrap.sh test

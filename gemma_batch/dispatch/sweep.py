@@ -22,9 +22,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from gemma_batch.dispatch.queues import RUN_CHUNK, enqueue_chunks, queue_name
-from gemma_batch.domain.records import OPEN_JOB_STATES, ItemStatus, JobStatus
+from gemma_batch.domain.records import OPEN_JOB_STATES, JobStatus
 from gemma_batch.store.sessions import session_scope
-from gemma_batch.store.shares import lease_free
+from gemma_batch.store.shares import PENDING, lease_free
 from gemma_batch.store.tables import Item, Job, db_now
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,23 @@ def stranded(session: Session, grace: float) -> dict[tuple[str, str], dict[int, 
     """Pending, unleased items of released chunks by (job, model) and chunk, of jobs whose last
     release was over `grace` ago."""
     now = db_now(session)
-    rows = session.execute(
-        select(Item.job_id, Job.model, Item.chunk, func.count())
-        .join(Job, Job.id == Item.job_id)
-        .where(
+    jobs = session.execute(
+        select(Job.id, Job.model, Job.released).where(
             Job.status.in_(OPEN_JOB_STATES),
             Job.dispatched_at < now - timedelta(seconds=grace),
-            Item.chunk < Job.released,
-            Item.status == ItemStatus.PENDING,
-            lease_free(now),
+            Job.released > 0,
         )
-        .group_by(Item.job_id, Job.model, Item.chunk)
     ).all()
     found: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-    for job_id, model, chunk, count in rows:
-        found[(job_id, model)][chunk] = count
+    for job_id, model, released in jobs:
+        # One job at a time: its `released` a constant, the count is a range of the pending index.
+        rows = session.execute(
+            select(Item.chunk, func.count())
+            .where(Item.job_id == job_id, PENDING, Item.chunk < released, lease_free(now))
+            .group_by(Item.chunk)
+        ).all()
+        for chunk, count in rows:
+            found[(job_id, model)][chunk] = count
     return found
 
 

@@ -42,23 +42,23 @@ class Waiting:
 def waiting(session: Session, model: str, now: datetime, interactive: bool) -> list[Waiting]:
     """Every open job of `model` with released items nobody holds (only sync requests' with
     `interactive`), sync requests first, then the oldest."""
-    query = (
-        select(Item.job_id, Job.tenant, Job.priority, Job.released, func.count())
+    # Counted per job, a correlated subquery: with the job's own `released` as a constant, each
+    # count is a range of the pending index; as a join, the planner walks every pending item.
+    count = (
+        select(func.count())
         .select_from(Item)
-        .join(Job, Job.id == Item.job_id)
-        .where(
-            Job.model == model,
-            Job.status.in_(OPEN_JOB_STATES),
-            PENDING,
-            Item.chunk < Job.released,
-            lease_free(now),
-        )
-        .group_by(Item.job_id, Job.tenant, Job.priority, Job.released)
-        .order_by(Job.priority, Item.job_id)
+        .where(Item.job_id == Job.id, PENDING, Item.chunk < Job.released, lease_free(now))
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    query = (
+        select(Job.id, Job.tenant, Job.priority, Job.released, count)
+        .where(Job.model == model, Job.status.in_(OPEN_JOB_STATES), Job.released > 0)
+        .order_by(Job.priority, Job.id)
     )
     if interactive:
         query = query.where(Job.priority == INTERACTIVE_PRIORITY)
-    return [Waiting(*row) for row in session.execute(query)]
+    return [Waiting(*row) for row in session.execute(query) if row[-1]]
 
 
 def held(session: Session, model: str, now: datetime) -> Counter[str]:
