@@ -16,6 +16,7 @@ A release is written to SQL before its message goes out: if the message never ar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import deque
@@ -172,7 +173,12 @@ class Dispatcher:
         self.client = redis.Redis.from_url(settings.broker_url)
         ttl = max(1.0, LOCK_INTERVALS * settings.dispatch_interval)
         # Not thread-local: each tick runs on whichever thread asyncio lends it.
-        self.lock = self.client.lock(LOCK, timeout=ttl, blocking=False, thread_local=False)
+        # One lock per database: stacks on other databases may share the broker, and each needs
+        # a dispatcher of its own.
+        store = hashlib.sha256(settings.database_url.encode()).hexdigest()[:12]
+        self.lock = self.client.lock(
+            f"{LOCK}:{store}", timeout=ttl, blocking=False, thread_local=False
+        )
         self.swept = 0.0
 
     def _lead(self) -> bool:
