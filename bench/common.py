@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,3 +151,22 @@ def print_table(
             f"workload {flops / 1e9:.1f} GFLOP; this machine's fp32 matmul peak, "
             f"measured in this run: {peak / 1e9:.0f} GFLOP/s"
         )
+
+
+@contextmanager
+def scratch_database(postgres: str) -> Iterator[str]:
+    """A fresh PostgreSQL database on the server `postgres` names, dropped afterwards; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    server = make_url(postgres).set(drivername="postgresql+psycopg")
+    name = f"gemma_batch_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -17,14 +17,12 @@ import argparse
 import os
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from bench.common import console
+from bench.common import console, scratch_database
 
 CHUNK = 64
 
@@ -35,21 +33,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
-    server = make_url(args.postgres).set(drivername="postgresql+psycopg")
-    name = f"gemma_batch_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    os.environ["GEMMA_BATCH_DATABASE_URL"] = server.set(database=name).render_as_string(False)
-    os.environ["GEMMA_BATCH_CHUNK_SIZE"] = str(CHUNK)
-    try:
-        run(args.rows, args.runs)
-    finally:
-        from gemma_batch.store.sessions import reset_sql_engine
+    with scratch_database(args.postgres) as url:
+        os.environ["GEMMA_BATCH_DATABASE_URL"] = url
+        os.environ["GEMMA_BATCH_CHUNK_SIZE"] = str(CHUNK)
+        try:
+            run(args.rows, args.runs)
+        finally:
+            from gemma_batch.store.sessions import reset_sql_engine
 
-        reset_sql_engine()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            reset_sql_engine()
 
 
 def run(rows: int, runs: int) -> None:

@@ -17,16 +17,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import psutil
 import redis
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from bench.common import Row, console, print_table
+from bench.common import Row, console, print_table, scratch_database
 from gemma_batch.cli.stack import free_port
 
 BROKER = "redis://127.0.0.1:6379/14"
@@ -62,12 +59,11 @@ def main() -> None:
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
 
-    server = make_url(args.postgres).set(drivername="postgresql+psycopg")
-    name = f"gemma_batch_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = server.set(database=name).render_as_string(hide_password=False)
+    with scratch_database(args.postgres) as url:
+        _run(args, url)
+
+
+def _run(args: argparse.Namespace, url: str) -> None:
     env = os.environ | {"GEMMA_BATCH_DATABASE_URL": url, "GEMMA_BATCH_BROKER_URL": BROKER}
     port = free_port()
     api = None
@@ -123,8 +119,6 @@ def main() -> None:
             api.terminate()
             api.wait()
         redis.Redis.from_url(BROKER).flushdb()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 def _wait_up(client: httpx.Client) -> None:
