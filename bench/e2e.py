@@ -1,13 +1,14 @@
 """End to end: the same items through API -> Redis -> worker -> SQL, and through the engine alone.
 
 On the real Gemma 3 270M (fp32, the CPU default), greedy, 16 new tokens, EOS honoured:
-- the engine alone: the worker's Engine over all items in one call, in this process;
+- the engine alone: the worker's Engine over all items in one call, in this process (while the
+  stack idles beside it);
 - one job of all the items through a local stack (API and one worker, SQLite, Redis), timed
   from the submit to the job's completion (the worker is warm: a first job loads the model);
 - as many one-item jobs, submitted at once from 20 threads, timed until the last completes
   (the worker's scheduler pulls them into one batch), against one job of the same items.
-Clients poll every 0.5 s (half the client's default): more often would take CPU from the worker
-on a small machine, less often would add waiting to the timings.
+The systems take turns, round by round. Clients poll every 0.5 s (half the client's default):
+more often would take CPU from the worker on a small machine, less often would add waiting.
 
     .venv/bin/python -m bench.e2e [--items 256] [--small 200] [--runs 3]
 """
@@ -56,25 +57,26 @@ def main() -> None:
 
     torch.set_num_threads(2)
     texts = prompts(args.items)
-    rows: list[Row] = []
 
     model, tokenizer = load_model(model_path(), "none", "cpu")
     engine = Engine(model, tokenizer, batch_tokens=get_settings().batch_tokens)
     items = [WorkItem(i, t, None) for i, t in enumerate(texts)]
     spec = JobSpec(params=GenerationParams(**PARAMS))
+    small = texts[: args.small]
     engine_row = Row("engine alone, one call", args.items)
-    timed(engine_row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
+    stack_row = Row("API -> Redis -> worker -> SQL, one job", args.items)
+    one_row = Row(f"one job of {args.small} items", args.small)
+    many_row = Row(f"{args.small} one-item jobs at once", args.small)
 
     with LocalStack({}, folder / "logs", ["--device", "cpu"]) as stack:
         client = stack.client()
         one_job(client, texts[:8])  # loads the model in the worker
-        stack_row = Row("API -> Redis -> worker -> SQL, one job", args.items)
-        timed(stack_row, args.runs, lambda: one_job(client, texts))
-        small = texts[: args.small]
-        one_row = Row(f"one job of {args.small} items", args.small)
-        timed(one_row, args.runs, lambda: one_job(client, small))
-        many_row = Row(f"{args.small} one-item jobs at once", args.small)
-        timed(many_row, args.runs, lambda: small_jobs(client, small))
+        # Round by round, so that a shared machine's drift falls on every system alike.
+        for _ in range(args.runs):
+            timed(engine_row, 1, lambda: [r for b in engine.run(items, spec) for r in b])
+            timed(stack_row, 1, lambda: one_job(client, texts))
+            timed(one_row, 1, lambda: one_job(client, small))
+            timed(many_row, 1, lambda: small_jobs(client, small))
     rows = [engine_row, stack_row]
     print_table(f"End to end: {args.items} prompts x {NEW} tokens", rows, engine_row.name)
     print_table(f"Small jobs: {args.small} prompts", [one_row, many_row], one_row.name)

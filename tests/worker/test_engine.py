@@ -11,6 +11,7 @@ from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
+from worker.engine.batcher import Row, prefill_passes
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 
@@ -218,3 +219,80 @@ def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> 
         assert len(alone) == len(together[item.index]) == 4
         for step, (a, b) in enumerate(zip(together[item.index], alone, strict=True)):
             assert torch.allclose(a, b, atol=1e-4), (item.index, step, (a - b).abs().max())
+
+
+def test_prefill_passes_cost_least_of_every_split() -> None:
+    # Against every way of cutting rows (longest first) into passes, for small random batches.
+    import itertools
+    import random
+
+    def cost(lengths: list[int], ends: list[int], per_pass: int) -> int:
+        begins = [0, *ends[:-1]]
+        return sum((e - b) * lengths[b] + per_pass for b, e in zip(begins, ends, strict=True))
+
+    generator = random.Random(3)
+    for _ in range(40):
+        lengths = sorted(generator.randint(1, 80) for _ in range(generator.randint(1, 9)))[::-1]
+        per_pass = generator.choice([0, 8, 32, 1024])
+        count = len(lengths)
+        least = min(
+            cost(lengths, [*cuts, count], per_pass)
+            for size in range(count)
+            for cuts in itertools.combinations(range(1, count), size)
+        )
+        assert cost(lengths, prefill_passes(lengths, per_pass), per_pass) == least
+    # Two lengths far apart go in two passes; a pass's cost above the padding saved joins them.
+    assert prefill_passes([60, 58, 12, 10], 32) == [2, 4]
+    assert prefill_passes([60, 58, 12, 10], 100) == [4]
+
+
+def test_prompts_of_different_lengths_prefill_in_passes(fp32: tuple[object, object]) -> None:
+    engine = Engine(*fp32, batch_tokens=4096)
+    passes: list[tuple[int, int]] = []
+    prefill = engine.batcher._prefill
+
+    def watched(rows: list[Row], first: int) -> torch.Tensor:
+        passes.append((len(rows), max(len(row.ids) for row in rows)))
+        return prefill(rows, first)
+
+    engine.batcher._prefill = watched  # type: ignore[method-assign]
+    _run(engine, _items(), GenerationParams(max_new_tokens=4))
+    longest = max(len(engine.render(item).ids) for item in _items())
+    assert len(passes) == 2 and passes[0] == (1, longest)  # the long prompt by itself
+    assert sum(rows * span for rows, span in passes) < len(PROMPTS) * longest
+
+
+def _row(engine: Engine, prompt: str, budget: int) -> Row:
+    row = engine.prepare(WorkItem(0, prompt, None), JobSpec(params=GenerationParams()))
+    assert isinstance(row, Row)
+    row.budget = budget
+    return row
+
+
+def test_rows_joining_in_waves_keep_one_cache(fp32: tuple[object, object]) -> None:
+    # Allocating and zeroing every layer's buffer again for each wave of rows cost a worker 16%
+    # of its time: the first wave takes the slots the batch may hold at its width.
+    engine = Engine(*fp32, batch_tokens=1024)
+    batcher = engine.batcher
+    batcher.admit([_row(engine, "The sea is", 8), _row(engine, "A cat", 8)])
+    cache = batcher.cache
+    assert cache is not None
+    widest = max(row.length for row in batcher.rows)
+    assert cache.slots == 1024 // widest < batcher.max_rows
+    batcher.admit([_row(engine, f"Wave two, row {i}", 8) for i in range(3)])
+    batcher.step()
+    batcher.admit([_row(engine, f"Wave three, row {i}", 8) for i in range(3)])
+    assert batcher.cache is cache and len(batcher.rows) == 8
+
+
+def test_a_wide_row_after_narrow_ones_takes_few_slots(fp32: tuple[object, object]) -> None:
+    # Slots are bounded by the batch's tokens at the width the rows need: many narrow rows'
+    # slot count is not carried over to a buffer a wide row makes wide.
+    engine = Engine(*fp32, batch_tokens=4096)
+    batcher = engine.batcher
+    batcher.admit([_row(engine, f"Row {i}", 4) for i in range(6)])
+    assert batcher.cache is not None and batcher.cache.slots == 256  # max_rows
+    batcher.leave(batcher.rows[1:])
+    wide = _row(engine, "A very long prompt " * 60, 200)
+    batcher.admit([wide])
+    assert batcher.cache.slots == 4096 // wide.length

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 PREFIXES_KEPT = 4
 # Buffers grow in steps of this many columns, so a slightly longer row rarely reallocates.
 WIDTH_STEP = 64
+# What one more prefill pass costs, in padded tokens (a row's token in a pass): a pass's fixed
+# cost (launching every layer's kernels) against what a token costs. On a CPU a token is dear
+# and a pass cheap; on a GPU a pass costs about as much as a thousand tokens.
+PASS_COST = {"cpu": 32, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -138,20 +142,39 @@ class Batcher:
     def admit(self, rows: list[Row]) -> list[Row]:
         """Prefill `rows` and pick each one's first token; returns those that ended already.
 
-        If the forward pass raises, no row joins and the cache is as it was.
+        If a forward pass raises, no row joins and the cache is as it was.
         """
-        prompt = max(len(row.ids) for row in rows)
-        self._make_room(len(rows), prompt, max(row.budget for row in rows))
+        # Longest first, in passes of rows of about one length (see prefill_passes).
+        rows = sorted(rows, key=lambda row: len(row.ids) - len(row.prefix), reverse=True)
+        self._make_room(rows)
         cache = self.cache
         assert cache is not None
-        first, count = len(self.rows), len(rows)
-        end = cache.end
+        first = len(self.rows)
         for slot, row in enumerate(rows, start=first):
-            cache.starts[slot] = end - len(row.ids)
+            cache.starts[slot] = cache.end - len(row.ids)
             if row.prefix:
                 keys, values = self._prefix_kv(row.prefix, row.adapter)
                 cache.copy_in(slot, cache.starts[slot], keys, values)
         # Only what follows each row's prefix is computed; the prefix is in the cache already.
+        own = [len(row.ids) - len(row.prefix) for row in rows]
+        cost = PASS_COST["cuda" if self.device.type == "cuda" else "cpu"]
+        logits, begin = [], 0
+        for stop in prefill_passes(own, cost):
+            logits.append(self._prefill(rows[begin:stop], first + begin))
+            begin = stop
+        for row in rows:
+            if row.seed is not None:
+                row.generator = torch.Generator(self.device).manual_seed(row.seed)
+        self.rows.extend(rows)
+        self._last_width = max(row.length for row in rows)
+        return self._advance(torch.cat(logits), first)
+
+    def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
+        """One forward pass over rows' own tokens (after their prefixes), into slots first..,
+        each row's right-aligned to end at the cache's shared column; their last logits."""
+        cache = self.cache
+        assert cache is not None
+        end, count = cache.end, len(rows)
         own = [row.ids[len(row.prefix) :] for row in rows]
         span = max(len(ids) for ids in own)
         input_ids = torch.zeros((count, span), dtype=torch.long)
@@ -164,23 +187,20 @@ class Batcher:
         cache.writing(slice(first, first + count), slice(end - span, end), written.to(self.device))
         starts = torch.tensor(cache.starts[first : first + count])
         with self._serving([row.adapter for row in rows]):
-            logits = self._forward(input_ids, positions, starts, end - span, span)
-        for row in rows:
-            if row.seed is not None:
-                row.generator = torch.Generator(self.device).manual_seed(row.seed)
-        self.rows.extend(rows)
-        self._last_width = max(row.length for row in rows)
-        return self._advance(logits, first)
+            return self._forward(input_ids, positions, starts, end - span, span)
 
-    def _make_room(self, joining: int, prompt: int, budget: int) -> None:
-        """Slots for the joining rows, whose prompts (up to `prompt` long) end at the shared
-        column, and columns for every row's remaining tokens.
+    def _make_room(self, joining: list[Row]) -> None:
+        """Slots for the joining rows, whose prompts end at the shared column, and columns for
+        every row's remaining tokens.
 
         Columns are moved only when they must be: when a prompt is longer than the running
         rows, or the running rows' remaining tokens would run past the buffer.
         """
         cache, running = self.cache, len(self.rows)
-        remaining = max([budget] + [row.budget - len(row.tokens) for row in self.rows])
+        prompt = max(len(row.ids) for row in joining)
+        remaining = max(
+            [row.budget for row in joining] + [row.budget - len(row.tokens) for row in self.rows]
+        )
         if cache is None or not running:
             end = prompt
         else:
@@ -188,22 +208,35 @@ class Batcher:
             if prompt > end or end + remaining > cache.width:
                 # As far left as the oldest running row and the new prompts allow.
                 end = max(prompt, end - min(cache.starts[:running]))
-        if cache is None or running + joining > cache.slots or end + remaining > cache.width:
-            self._grow(running + joining, end + remaining, end)
+        rows = running + len(joining)
+        if cache is None or rows > cache.slots or end + remaining > cache.width:
+            widest = max(row.length for row in [*self.rows, *joining])
+            self._grow(rows, end + remaining, end, widest)
         elif end != cache.end:
             cache.shift(end - cache.end, running)
 
-    def _grow(self, rows: int, width: int, end: int) -> None:
-        """A larger buffer (by half again, so growing is rare), the running rows moved into it
-        to end at column `end`."""
+    def _grow(self, rows: int, width: int, end: int, widest: int) -> None:
+        """A new buffer of at least `rows` slots and `width` columns, the running rows moved into
+        it to end at column `end`.
+
+        It takes at once as many slots as the batch may hold rows `widest` wide, so that rows
+        joining in waves do not each reallocate it (allocating and zeroing every layer's buffer
+        is seconds of a CPU's time: 16% of a worker's in a profile of the end-to-end benchmark);
+        and its columns grow by half again, so a slightly longer row rarely reallocates. Slots are
+        bounded by `batch_tokens` at the width the rows need, so a wide row that follows many
+        narrow ones does not keep their slot count at its own width.
+        """
         old, running = self.cache, len(self.rows)
+        rows = max(rows, min(self.max_rows, self.batch_tokens // widest))
         if old is not None:
-            rows = max(rows, min(self.max_rows, old.slots * 3 // 2))
-            width = max(width, old.width * 3 // 2)
+            width = max(width, old.width * 3 // 2) if width > old.width else old.width
         width = -(-width // WIDTH_STEP) * WIDTH_STEP
+        # The old buffers go before the new ones are allocated where no running row needs them.
+        if not running:
+            old = self.cache = None
         new = SlotCache(self.model.config, rows, width, self.device, self.dtype)
         new.end = end
-        if old is not None and running:
+        if old is not None:
             span = old.end - min(old.starts[:running])
             for buffers, fresh in ((old.keys, new.keys), (old.values, new.values)):
                 for layer, target in zip(buffers, fresh, strict=True):
@@ -377,6 +410,30 @@ class Batcher:
                 self.rows.pop()
             else:
                 slot += 1
+
+
+def prefill_passes(lengths: Sequence[int], pass_cost: int) -> list[int]:
+    """Where to cut rows (their lengths, longest first) into prefill passes: the end of each.
+
+    A pass is padded to its longest row, so one pass over prompts of 10 to 60 tokens computes
+    about twice the tokens it needs. The cuts minimise the padded tokens plus `pass_cost` for
+    each pass (an exact search over where the passes end, quadratic in the rows: at most a few
+    milliseconds for a full batch).
+    """
+    count = len(lengths)
+    best = [0] * (count + 1)  # best[j]: least cost of the first j rows
+    start = [0] * (count + 1)  # start[j]: where the last pass of that best split begins
+    for j in range(1, count + 1):
+        best[j] = best[0] + j * lengths[0] + pass_cost
+        for i in range(1, j):
+            cost = best[i] + (j - i) * lengths[i] + pass_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    ends, j = [], count
+    while j:
+        ends.append(j)
+        j = start[j]
+    return ends[::-1]
 
 
 def _note_logprob(row: Row, logprobs: torch.Tensor, token: int) -> None:
