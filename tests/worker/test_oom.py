@@ -10,7 +10,7 @@ import torch
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker.engine.engine import Engine
+from worker.engine.engine import MAX_ROWS, Engine
 from worker.engine.loader import load_model
 
 
@@ -41,3 +41,31 @@ def test_batch_is_split_on_out_of_memory(model_dir: Path) -> None:
         assert result.error is None
         assert result.output == expected[result.index].output
         assert result.completion_tokens == expected[result.index].completion_tokens
+
+
+def test_a_lone_row_runs_when_a_full_batchs_cache_does_not_fit(
+    model_dir: Path, monkeypatch: Any
+) -> None:
+    # The cache is sized for every row the batch may hold; where even that is too much for the
+    # device, the batch shrinks to one row rather than failing the row.
+    from worker.engine import batcher
+
+    model, tokenizer = load_model(model_dir / TINY, "none", "cpu")
+    item = WorkItem(0, "Prompt about the sea", None)
+    spec = JobSpec(params=GenerationParams(max_new_tokens=5))
+    expected = [r for b in Engine(model, tokenizer, 4096).run([item], spec) for r in b][0]
+    real_cache = batcher.SlotCache
+    sizes: list[int] = []
+
+    def limited_cache(config: Any, slots: int, *args: Any) -> Any:
+        sizes.append(slots)
+        if slots > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_cache(config, slots, *args)
+
+    monkeypatch.setattr(batcher, "SlotCache", limited_cache)
+    engine = Engine(model, tokenizer, 4096)
+    [result] = [r for b in engine.run([item], spec) for r in b]
+    assert sizes == [MAX_ROWS, 1]  # a full batch of rows this narrow, then one row
+    assert engine.batcher.max_rows == 1
+    assert result.error is None and result.output == expected.output

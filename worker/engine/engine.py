@@ -203,10 +203,15 @@ class Engine:
         try:
             return batcher.admit(rows), []
         except torch.OutOfMemoryError:
-            if len(rows) == 1 and not batcher.rows:
-                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if len(rows) == 1 and not batcher.rows:
+                if batcher.max_rows == 1:
+                    raise
+                # The cache is sized for all the rows the batch may hold: try one row's.
+                log.warning("out of memory admitting a row alone; the batch holds one row now")
+                batcher.max_rows = 1
+                return self.admit(rows, express)
             keep = len(rows) // 2
             log.warning("out of memory admitting %s rows; trying %s", len(rows), keep)
             # Fewer rows from now on: the batch that ran out of memory stays out of reach.
