@@ -424,11 +424,8 @@ def prefill_passes(lengths: Sequence[int], pass_cost: int) -> list[int]:
     best = [0] * (count + 1)  # best[j]: least cost of the first j rows
     start = [0] * (count + 1)  # start[j]: where the last pass of that best split begins
     for j in range(1, count + 1):
-        best[j] = best[0] + j * lengths[0] + pass_cost
-        for i in range(1, j):
-            cost = best[i] + (j - i) * lengths[i] + pass_cost
-            if cost < best[j]:
-                best[j], start[j] = cost, i
+        # The last pass is rows i..j-1, padded to row i; of equal costs, the earliest cut.
+        best[j], start[j] = min((best[i] + (j - i) * lengths[i] + pass_cost, i) for i in range(j))
     ends, j = [], count
     while j:
         ends.append(j)
