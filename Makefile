@@ -22,9 +22,17 @@ lint:
 	.venv/bin/lint-imports
 
 # Benchmarks (docs/benchmarks.md): one command per workload.
+# llama.cpp builds for the CPU it is on; on a CPU with AMX its AMX matmul crashed on the packaged
+# GGUF (a segfault in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36), so there it is built for
+# AVX-512 without AMX.
+LLAMA_CMAKE_ARGS := $(if $(shell grep -s -m1 -o -w amx_int8 /proc/cpuinfo),-DGGML_NATIVE=OFF \
+	-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON)
+
 bench-setup: setup
 	$(PY) -m gemma_batch model prepare gemma-3-270m
-	$(PY) -m pip install -q -e ".[bench]" || echo "llama-cpp-python did not install: the benchmarks skip it"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[bench]" \
+		|| echo "llama-cpp-python did not install: the benchmarks skip it"
 
 bench-w1: bench-setup
 	$(PY) -m bench.w1_generate

@@ -78,11 +78,12 @@ def timed(row: Row, runs: int, work: Callable[[], object]) -> object:
     return result
 
 
-def matmul_peak() -> float:
-    """This machine's fp32 matmul rate in FLOP/s, measured now: the ceiling a workload is put
-    against (a square matmul large enough to keep every core's vector units busy)."""
+def matmul_peak(dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul rate in FLOP/s (fp32 unless told), measured now: the ceiling a
+    workload is put against (a square matmul large enough to keep every core's vector units
+    busy; in bf16, a CPU's AMX tiles where it has them)."""
     size = 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(2):
         a @ b
     best = float("inf")

@@ -6,7 +6,8 @@ shared machine hits every mode; each mode's best round counts:
   greedy prompts, 16 decoding steps each, end tokens ignored, prefill not timed);
 - label mode items/s: 64 reviews through `Engine.run` with the demo's prefix, template and labels.
 
-    .venv/bin/python -m bench.quant_cpu [--modes none,int8-wo,int8,nf4] [--rounds 3] [--out FILE]
+    .venv/bin/python -m bench.quant_cpu [--modes none,bf16,int8-wo,int8,nf4] [--rounds 3]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from worker.engine.loader import load_model
 from worker.engine.quality import fixed_text, greedy_prompts
 
 # int4-wo and fp8 are refused on a CPU: torchao has no CPU kernels for them.
-MODES = ("none", "int8-wo", "int8", "nf4")
+MODES = ("none", "bf16", "int8-wo", "int8", "nf4")
 STEPS, REVIEWS = 16, 64
 MEASURES = ("batch 1 tok/s", "batch 16 tok/s", "label items/s")
 

@@ -1,7 +1,8 @@
 """W1 generate: 64 prompts of 10-45 words, 16 new tokens each, greedy, EOS ignored.
 
 Every system does the same work (EOS is ignored, so each makes exactly 16 tokens a prompt):
-- gemma-batch's engine (continuous batching in a slot cache), fp32;
+- gemma-batch's engine (continuous batching in a slot cache), fp32, and in bf16
+  (`GEMMA_BATCH_QUANTIZATION=bf16`: fast on CPUs with AMX), its share of the bf16 peak noted;
 - transformers' continuous batching (ContinuousBatchingManager, paged attention), fp32;
 - one plain padded `generate` over all 64 prompts, fp32;
 - one `generate` per prompt, the pattern of the Gemma launch post, fp32;
@@ -56,6 +57,15 @@ def main() -> None:
     timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
     rows.append(row)
 
+    bf16_model, _ = load_model(model_path(), "bf16", "cpu")
+    bf16 = Engine(bf16_model, tokenizer, batch_tokens=16384)
+    bf16.stop_ids, bf16.batcher.stop_ids = [], set()
+    # oneDNN builds a bf16 kernel per matrix shape the first time it meets it: one run first.
+    [r for b in bf16.run(items, spec) for r in b]
+    bf16_row = Row("gemma-batch engine (bf16)", args.items, tokens=tokens)
+    timed(bf16_row, args.runs, lambda: [r for b in bf16.run(items, spec) for r in b])
+    rows.append(bf16_row)
+
     ids = [tokenizer(text)["input_ids"] for text in texts]
     row = Row("transformers continuous batching (fp32)", args.items, tokens=tokens)
     timed(row, 1, lambda: transformers_cb(model, ids, [NEW] * len(ids), -1))
@@ -96,8 +106,13 @@ def main() -> None:
         timed(row, args.runs, llama)
         rows.append(row)
     flops = workload_flops(model, [len(i) for i in ids], [NEW] * len(ids))
+    bf16_peak = matmul_peak(torch.bfloat16)
+    bf16_row.note = f"{flops / bf16_row.median / bf16_peak:.0%} of the bf16 peak"
     title = f"W1 generate: {args.items} prompts x {NEW} tokens"
     print_table(title, rows, rows[-1].name, flops, matmul_peak())
+    console.print(
+        f"this machine's bf16 matmul peak, measured in this run: {bf16_peak / 1e9:.0f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         default_factory=_default_model_dir, description="Local cache of prepared models."
     )
-    quantization: Literal["auto", "none", "int8-wo", "int4-wo", "fp8", "nf4", "int8"] = Field(
-        "auto",
-        description="int8-wo/int4-wo/fp8 through torchao (int4-wo: CUDA 8.0+, fp8: CUDA 8.9+); "
-        "nf4/int8 through bitsandbytes, memory savers only; none = bf16 on CUDA, fp32 on CPU; "
-        "auto = none, or nf4 on a GPU the bf16 weights would fill past half (docs/benchmarks.md).",
+    quantization: Literal["auto", "none", "bf16", "int8-wo", "int4-wo", "fp8", "nf4", "int8"] = (
+        Field(
+            "auto",
+            description="int8-wo/int4-wo/fp8 through torchao (int4-wo: CUDA 8.0+, fp8: CUDA 8.9+); "
+            "nf4/int8 through bitsandbytes, memory savers only; none = bf16 on CUDA, fp32 on CPU; "
+            "bf16 = bf16 on CPUs too (fast on CPUs with AMX; greedy output may then differ batched "
+            "and alone by rounding); auto = none, or nf4 on a GPU the bf16 weights would fill "
+            "past half (docs/benchmarks.md).",
+        )
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     max_adapters: int = Field(

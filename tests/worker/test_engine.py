@@ -127,6 +127,17 @@ def test_int8_quantizes_the_linear_layers(model_dir: Path) -> None:
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
 
 
+def test_bf16_runs_in_bf16_on_a_cpu(model_dir: Path, fp32: tuple[object, object]) -> None:
+    model, tokenizer = load_model(model_dir / TINY, "bf16", "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    engine = Engine(model, tokenizer, batch_tokens=4096)
+    [result] = _run(engine, _items()[:1], GenerationParams(max_new_tokens=6)).values()
+    assert {k.dtype for k in engine.batcher.cache.keys} == {torch.bfloat16}  # type: ignore[union-attr]
+    assert result.completion_tokens == 6
+    # The default on a CPU stays fp32.
+    assert {p.dtype for p in fp32[0].parameters()} == {torch.float32}  # type: ignore[attr-defined]
+
+
 def test_rows_with_their_own_budgets_share_a_batch(fp32: tuple[object, object]) -> None:
     budgets = [1, 7, 3, 12, 5]
     items = [

@@ -45,10 +45,14 @@ def resolve_quantization(quantization: str, device: str, path: Path) -> str:
     (0.8-1.2x fp32 across runs: the tied 262k-row vocabulary head, most of the weights, stays
     fp32), int8 passes and labels 1.3x faster but decodes no faster (and bitsandbytes was slower
     than fp32 on the earlier Intel CPU), and nf4 is faster but fails the bar (+26% perplexity).
-    On CUDA no torchao mode is measured yet (bench/gpu has the runs; no GPU was lent), so the
-    rule stands from the H200 figures: bf16 made 5.9x the tokens/s of nf4 at batch 64, and nf4
-    is kept for cards where the bf16 weights would take over half the memory, leaving too little
-    for the KV cache.
+    `bf16` on a CPU with AMX (Intel Xeon from Sapphire Rapids on) passes the bar (+0.04%
+    perplexity) and made W1 2.2x as fast as fp32, but it is not `auto` there: its matmul kernels
+    round a row differently with the number of rows beside it, so greedy output batched no
+    longer always equals the output alone (17 of 24 prompts identical on the 270M), a promise
+    fp32 keeps; and it is measured only on a CPU with AMX. On CUDA no torchao mode is measured
+    yet (bench/gpu has the runs; no GPU was lent), so the rule stands from the H200 figures:
+    bf16 made 5.9x the tokens/s of nf4 at batch 64, and nf4 is kept for cards where the bf16
+    weights would take over half the memory, leaving too little for the KV cache.
     """
     if quantization != "auto":
         return quantization
@@ -86,8 +90,9 @@ def _torchao_config(quantization: str) -> TorchAoConfig:
 
 
 def _load_options(quantization: str, device: str) -> dict[str, Any]:
-    # bf16 is Gemma's reference precision on GPUs; CPUs here have no fast bf16, so fp32.
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    # bf16 is Gemma's reference precision on GPUs; on CPUs fp32 unless bf16 is asked for (see
+    # resolve_quantization).
+    compute = torch.bfloat16 if device == "cuda" or quantization == "bf16" else torch.float32
     if quantization == "nf4":
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
