@@ -31,7 +31,8 @@ LLAMA_CMAKE_ARGS := $(if $(shell grep -s -m1 -o -w amx_int8 /proc/cpuinfo),-DGGM
 
 bench-setup: setup
 	$(PY) -m gemma_batch model prepare gemma-3-270m
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[bench]" \
+	$(if $(LLAMA_CMAKE_ARGS),CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS") \
+		$(PY) -m pip install -q -e ".[bench]" \
 		|| echo "llama-cpp-python did not install: the benchmarks skip it"
 
 bench-w1: bench-setup

@@ -63,7 +63,7 @@ SWEEP = (8, 32, 64, 128, 256)  # batch 1 is measured eager and static first
 QUANT_SWEEP = (64, 256)  # a quantization against bf16 where batches are large enough to matter
 # What --precisions accepts: bf16 (fp32 on a CPU), and every quantization the worker loads.
 PRECISIONS = ("bf16", *(m for m in get_args(Settings.model_fields["quantization"].annotation)
-                        if m not in ("auto", "none")))  # fmt: skip
+                        if m not in ("auto", "none", "bf16")))  # fmt: skip
 
 
 def sync() -> None:

@@ -2,13 +2,14 @@
 
 Every system does the same work (EOS is ignored, so each makes exactly 16 tokens a prompt):
 - gemma-batch's engine (continuous batching in a slot cache), fp32, and in bf16
-  (`GEMMA_BATCH_QUANTIZATION=bf16`: fast on CPUs with AMX), its share of the bf16 peak noted;
+  (`GEMMA_BATCH_QUANTIZATION=bf16`: fast on CPUs with AMX; `--no-bf16` leaves it out), its share
+  of the bf16 peak noted;
 - transformers' continuous batching (ContinuousBatchingManager, paged attention), fp32;
 - one plain padded `generate` over all 64 prompts, fp32;
 - one `generate` per prompt, the pattern of the Gemma launch post, fp32;
 - llama.cpp (llama-cpp-python, the same GGUF, 2 threads), one prompt at a time.
 
-    .venv/bin/python -m bench.w1_generate [--runs 3]
+    .venv/bin/python -m bench.w1_generate [--runs 3] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 engine")
     args = parser.parse_args()
     torch.set_num_threads(2)
     texts = prompts(args.items)
@@ -57,14 +59,8 @@ def main() -> None:
     timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
     rows.append(row)
 
-    bf16_model, _ = load_model(model_path(), "bf16", "cpu")
-    bf16 = Engine(bf16_model, tokenizer, batch_tokens=16384)
-    bf16.stop_ids, bf16.batcher.stop_ids = [], set()
-    # oneDNN builds a bf16 kernel per matrix shape the first time it meets it: one run first.
-    [r for b in bf16.run(items, spec) for r in b]
-    bf16_row = Row("gemma-batch engine (bf16)", args.items, tokens=tokens)
-    timed(bf16_row, args.runs, lambda: [r for b in bf16.run(items, spec) for r in b])
-    rows.append(bf16_row)
+    bf16 = None if args.no_bf16 else bf16_engine(tokenizer, items, spec, args.runs, tokens)
+    rows += [bf16] if bf16 else []
 
     ids = [tokenizer(text)["input_ids"] for text in texts]
     row = Row("transformers continuous batching (fp32)", args.items, tokens=tokens)
@@ -106,13 +102,29 @@ def main() -> None:
         timed(row, args.runs, llama)
         rows.append(row)
     flops = workload_flops(model, [len(i) for i in ids], [NEW] * len(ids))
-    bf16_peak = matmul_peak(torch.bfloat16)
-    bf16_row.note = f"{flops / bf16_row.median / bf16_peak:.0%} of the bf16 peak"
+    if bf16:
+        bf16_peak = matmul_peak(torch.bfloat16)
+        bf16.note = f"{flops / bf16.median / bf16_peak:.0%} of the bf16 peak"
     title = f"W1 generate: {args.items} prompts x {NEW} tokens"
     print_table(title, rows, rows[-1].name, flops, matmul_peak())
-    console.print(
-        f"this machine's bf16 matmul peak, measured in this run: {bf16_peak / 1e9:.0f} GFLOP/s"
-    )
+    if bf16:
+        console.print(
+            f"this machine's bf16 matmul peak, measured in this run: {bf16_peak / 1e9:.0f} GFLOP/s"
+        )
+
+
+def bf16_engine(
+    tokenizer: object, items: list[WorkItem], spec: JobSpec, runs: int, tokens: int
+) -> Row:
+    """The engine on the model in bf16 (`GEMMA_BATCH_QUANTIZATION=bf16`)."""
+    model, _ = load_model(model_path(), "bf16", "cpu")
+    engine = Engine(model, tokenizer, batch_tokens=16384)
+    engine.stop_ids, engine.batcher.stop_ids = [], set()
+    # oneDNN builds a bf16 kernel per matrix shape the first time it meets it: one run first.
+    [r for b in engine.run(items, spec) for r in b]
+    row = Row("gemma-batch engine (bf16)", len(items), tokens=tokens)
+    timed(row, runs, lambda: [r for b in engine.run(items, spec) for r in b])
+    return row
 
 
 if __name__ == "__main__":

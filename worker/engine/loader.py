@@ -40,19 +40,20 @@ def bf16_bytes(path: Path) -> int:
 def resolve_quantization(quantization: str, device: str, path: Path) -> str:
     """What `auto` means for this model on this device (docs/benchmarks.md has the figures).
 
-    `auto` is the fastest mode that passes `model check-quant`'s bar (perplexity within 2%, label
-    accuracy kept). On CPUs that is fp32: on the 270M, int8-wo passes but is not reliably faster
-    (0.8-1.2x fp32 across runs: the tied 262k-row vocabulary head, most of the weights, stays
-    fp32), int8 passes and labels 1.3x faster but decodes no faster (and bitsandbytes was slower
-    than fp32 on the earlier Intel CPU), and nf4 is faster but fails the bar (+26% perplexity).
-    `bf16` on a CPU with AMX (Intel Xeon from Sapphire Rapids on) passes the bar (+0.04%
-    perplexity) and made W1 2.2x as fast as fp32, but it is not `auto` there: its matmul kernels
-    round a row differently with the number of rows beside it, so greedy output batched no
-    longer always equals the output alone (17 of 24 prompts identical on the 270M), a promise
-    fp32 keeps; and it is measured only on a CPU with AMX. On CUDA no torchao mode is measured
-    yet (bench/gpu has the runs; no GPU was lent), so the rule stands from the H200 figures:
-    bf16 made 5.9x the tokens/s of nf4 at batch 64, and nf4 is kept for cards where the bf16
-    weights would take over half the memory, leaving too little for the KV cache.
+    `auto` is the fastest mode that passes `model check-quant`'s bar (perplexity within 2%,
+    label accuracy kept). On CPUs that is fp32 (bf16 aside, below): on the 270M, int8-wo passes
+    but is not reliably faster (0.8-1.2x fp32 across runs: the tied 262k-row vocabulary head,
+    most of the weights, stays fp32), int8 passes and labels 1.3x faster but decodes no faster
+    (and bitsandbytes was slower than fp32 on the earlier Intel CPU), and nf4 is faster but
+    fails the bar (+26% perplexity). `bf16` on a CPU with AMX (Intel Xeon from Sapphire Rapids
+    on) passes the bar (+0.04% perplexity) and made W1 2.2x as fast as fp32, but it is not
+    `auto` there: its matmul kernels round a row differently with the number of rows beside it,
+    so greedy output batched no longer always equals the output alone (17 of 24 prompts
+    identical on the 270M), a promise fp32 keeps; and it is measured only on a CPU with AMX. On
+    CUDA no torchao mode is measured yet (bench/gpu has the runs; no GPU was lent), so the rule
+    stands from the H200 figures: bf16 made 5.9x the tokens/s of nf4 at batch 64, and nf4 is
+    kept for cards where the bf16 weights would take over half the memory, leaving too little
+    for the KV cache.
     """
     if quantization != "auto":
         return quantization
