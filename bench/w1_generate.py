@@ -50,17 +50,15 @@ def main() -> None:
     tokens = args.items * NEW
     rows: list[Row] = []
 
-    engine = Engine(model, tokenizer, batch_tokens=16384)
-    # EOS ignored: every system makes the same number of tokens.
-    engine.stop_ids, engine.batcher.stop_ids = [], set()
     items = [WorkItem(i, text, None) for i, text in enumerate(texts)]
     spec = JobSpec(params=GenerationParams(max_new_tokens=NEW))
-    row = Row("gemma-batch engine (fp32)", args.items, tokens=tokens)
-    timed(row, args.runs, lambda: [r for b in engine.run(items, spec) for r in b])
-    rows.append(row)
-
-    bf16 = None if args.no_bf16 else bf16_engine(tokenizer, items, spec, args.runs, tokens)
-    rows += [bf16] if bf16 else []
+    rows.append(engine_row("fp32", model, tokenizer, items, spec, args.runs))
+    bf16 = None
+    if not args.no_bf16:
+        # oneDNN builds a bf16 kernel per matrix shape the first time it meets it: one run first.
+        bf16_model, _ = load_model(model_path(), "bf16", "cpu")
+        bf16 = engine_row("bf16", bf16_model, tokenizer, items, spec, args.runs, warm_up=True)
+        rows.append(bf16)
 
     ids = [tokenizer(text)["input_ids"] for text in texts]
     row = Row("transformers continuous batching (fp32)", args.items, tokens=tokens)
@@ -113,17 +111,28 @@ def main() -> None:
         )
 
 
-def bf16_engine(
-    tokenizer: object, items: list[WorkItem], spec: JobSpec, runs: int, tokens: int
+def engine_row(
+    precision: str,
+    model: object,
+    tokenizer: object,
+    items: list[WorkItem],
+    spec: JobSpec,
+    runs: int,
+    warm_up: bool = False,
 ) -> Row:
-    """The engine on the model in bf16 (`GEMMA_BATCH_QUANTIZATION=bf16`)."""
-    model, _ = load_model(model_path(), "bf16", "cpu")
+    """The worker's engine over every item in one call, `runs` times (after one untimed run
+    with `warm_up`)."""
     engine = Engine(model, tokenizer, batch_tokens=16384)
+    # EOS ignored: every system makes the same number of tokens.
     engine.stop_ids, engine.batcher.stop_ids = [], set()
-    # oneDNN builds a bf16 kernel per matrix shape the first time it meets it: one run first.
-    [r for b in engine.run(items, spec) for r in b]
-    row = Row("gemma-batch engine (bf16)", len(items), tokens=tokens)
-    timed(row, runs, lambda: [r for b in engine.run(items, spec) for r in b])
+
+    def work() -> list[object]:
+        return [r for b in engine.run(items, spec) for r in b]
+
+    if warm_up:
+        work()
+    row = Row(f"gemma-batch engine ({precision})", len(items), tokens=len(items) * NEW)
+    timed(row, runs, work)
     return row
 
 
