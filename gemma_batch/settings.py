@@ -96,7 +96,10 @@ class Settings(BaseSettings):
     )
     chunk_size: int = Field(64, ge=1, le=10_000, description="Items per queued task.")
     merge_items: int = Field(
-        64, ge=0, description="Most items the scheduler pulls from SQL at once beyond deliveries."
+        256,
+        ge=0,
+        description="Most items the scheduler pulls from SQL at once beyond deliveries "
+        "(never more than its batch has room for).",
     )
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="Largest accepted JSON body.")
     max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="Largest accepted file upload.")

@@ -95,6 +95,7 @@ class Scheduler:
             self._held_ids, worker, settings.lease_seconds, self._report if identity else None
         )
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        engine.batcher.between_passes = self._between_passes
 
     def start(self) -> Scheduler:
         self._heartbeat.__enter__()
@@ -108,6 +109,7 @@ class Scheduler:
             self._stopping = True
             self._lock.notify_all()
         self._thread.join()
+        self.engine.batcher.between_passes = None
         self.writer.close()
         self._heartbeat.__exit__(None, None, None)
 
@@ -144,12 +146,7 @@ class Scheduler:
     def _turn(self) -> bool:
         """Claim, admit, step once; False once stopping and nothing is held any more."""
         with self._lock:
-            # Delivered sync requests go first; other deliveries take their turn behind what was
-            # claimed before them, so a chunk's message cannot jump other tenants' pulled rows.
-            sync = [h for h in self._inbox if h.claim.priority == INTERACTIVE_PRIORITY]
-            self._backlog.extendleft(reversed(sync))
-            self._backlog.extend(h for h in self._inbox if h.claim.priority != INTERACTIVE_PRIORITY)
-            self._inbox.clear()
+            self._take_inbox()
             over, self._over = self._over, set()
             if self._stopping and not self._held:
                 return False
@@ -168,6 +165,18 @@ class Scheduler:
                 if not self._inbox and not self._stopping:
                     self._lock.wait(IDLE_POLL if not self._held else PULL_POLL)
         return True
+
+    def _take_inbox(self, sync_only: bool = False) -> None:
+        """Deliveries into the backlog (the lock held): sync requests go first; other deliveries
+        take their turn behind what was claimed before them, so a chunk's message cannot jump
+        other tenants' pulled rows."""
+        sync = [h for h in self._inbox if h.claim.priority == INTERACTIVE_PRIORITY]
+        self._backlog.extendleft(reversed(sync))
+        if sync_only:
+            self._inbox = [h for h in self._inbox if h.claim.priority != INTERACTIVE_PRIORITY]
+            return
+        self._backlog.extend(h for h in self._inbox if h.claim.priority != INTERACTIVE_PRIORITY)
+        self._inbox.clear()
 
     def _due(self, what: str, every: float) -> bool:
         now = time.monotonic()
@@ -232,12 +241,16 @@ class Scheduler:
         except Exception:  # the store away: the writer finds the job over when it comes back
             return set()
 
-    def _drop(self, jobs: set[str]) -> None:
-        """Rows of jobs that are over leave the batch; nothing more is written for them."""
+    def _drop(self, jobs: set[str], express_only: bool = False) -> None:
+        """Rows of jobs that are over leave the batch (or only the express one); nothing more is
+        written for them."""
         if not jobs:
             return
         dropped = []
-        for batcher in (self.engine.batcher, self.engine.express):
+        lanes = (
+            (self.engine.express,) if express_only else (self.engine.batcher, self.engine.express)
+        )
+        for batcher in lanes:
             leaving = [row for row in batcher.rows if row.key.owner.job_id in jobs]
             if leaving:
                 batcher.leave(leaving)
@@ -269,7 +282,8 @@ class Scheduler:
 
     def _admit(self) -> bool:
         """Start what the batch has room for; True if anything ran."""
-        batcher, group, express, started = self.engine.batcher, [], [], False
+        started = self._admit_express()
+        batcher, group = self.engine.batcher, []
         while self._backlog:
             held = self._backlog[0]
             attempts = held.claim.attempts
@@ -281,36 +295,81 @@ class Scheduler:
                 )
                 continue
             if attempts > 0 or held.alone:
-                if self._rows() or group or express:
+                if self._rows() or group:
                     break  # a suspect runs by itself once the batch has drained
                 self._run_alone(self._backlog.popleft())
                 return True
             if held.spec.choices:
-                if self._rows() or group or express:
+                if self._rows() or group:
                     break
                 self._label(self._take_labels())
                 return True
-            if held.row is None:
-                prepared = self.engine.prepare(held.claim.item, held.spec, owner=held)
-                if isinstance(prepared, ItemResult):
-                    self._backlog.popleft()
-                    self._finish(held, prepared)
-                    continue
-                held.row = prepared
-            interactive = held.claim.priority == INTERACTIVE_PRIORITY
-            if interactive and self.engine.express.fits(held.row, express):
-                express.append(self._backlog.popleft().row)
+            if not self._prepared(held):
+                self._backlog.popleft()
                 continue
-            extra = RESERVED_ROWS if interactive else 0
+            # A sync row here found the express batch full: a few rows over the limits.
+            extra = RESERVED_ROWS if held.claim.priority == INTERACTIVE_PRIORITY else 0
             if not batcher.fits(held.row, group, extra):
                 break
             group.append(self._backlog.popleft().row)
-        for rows, lane in ((express, True), (group, False)):
-            if rows:
-                self._mark_started([row.key.owner for row in rows])
-                self._admit_group(rows, lane)
-                started = True
+        if group:
+            self._mark_started([row.key.owner for row in group])
+            self._admit_group(group)
+            started = True
         return started
+
+    def _prepared(self, held: Held) -> bool:
+        """Make the item's row once; False if it cannot run (its result is handed over)."""
+        if held.row is None:
+            prepared = self.engine.prepare(held.claim.item, held.spec, owner=held)
+            if isinstance(prepared, ItemResult):
+                self._finish(held, prepared)
+                return False
+            held.row = prepared
+        return True
+
+    def _admit_express(self) -> bool:
+        """Sync rows at the backlog's front into the express batch, as many as it takes."""
+        express = self.engine.express
+        group: list[Any] = []
+        while self._backlog:
+            held = self._backlog[0]
+            if (
+                held.claim.priority != INTERACTIVE_PRIORITY
+                or held.claim.attempts
+                or held.alone
+                or held.spec.choices
+            ):
+                break  # suspects run alone, in the main batcher, as any others
+            if not self._prepared(held):
+                self._backlog.popleft()
+                continue
+            if not express.fits(held.row, group):
+                break
+            group.append(self._backlog.popleft().row)
+        if group:
+            self._mark_started([row.key.owner for row in group])
+            self._admit_group(group, express=True)
+        return bool(group)
+
+    def _between_passes(self) -> None:
+        """While rows join the main batch, between two of its prefill passes: sync requests
+        delivered or stored meanwhile run to their end in the express batch. A sync call waits
+        for one pass, not for a whole admission (a pulled window of rows on a CPU: seconds).
+
+        Only the express batch is touched: the main one is half-way through its admission.
+        """
+        try:
+            with self._lock:
+                self._take_inbox(sync_only=True)
+            if self._due("interactive", INTERACTIVE_POLL):
+                self._claim(RESERVED_ROWS, interactive=True)
+            while self._admit_express() or self.engine.express.rows:
+                self._drop(self._cancelled(), express_only=True)
+                if self.engine.express.rows:
+                    self._step(express=True)
+        except Exception:  # the admission under way must not take it for its own failure
+            log.exception("serving sync requests between prefill passes failed")
 
     def _admit_group(self, rows: list[Any], express: bool = False) -> None:
         """Prefill a group; if it raises, each half, until the row that raises fails alone."""

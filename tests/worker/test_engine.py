@@ -233,28 +233,37 @@ def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> 
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:
-    # Against every way of cutting rows (longest first) into passes, for small random batches.
+    # Against every way of cutting rows (longest first) into passes, for small random batches,
+    # with and without a bound on a pass's padded tokens.
     import itertools
+    import math
     import random
 
-    def cost(lengths: list[int], ends: list[int], per_pass: int) -> int:
+    def cost(lengths: list[int], ends: list[int], per_pass: int, most: int | None) -> float:
         begins = [0, *ends[:-1]]
-        return sum((e - b) * lengths[b] + per_pass for b, e in zip(begins, ends, strict=True))
+        sizes = [(e - b, lengths[b]) for b, e in zip(begins, ends, strict=True)]
+        if most is not None and any(rows > 1 and rows * width > most for rows, width in sizes):
+            return math.inf
+        return sum(rows * width + per_pass for rows, width in sizes)
 
     generator = random.Random(3)
-    for _ in range(40):
+    for _ in range(80):
         lengths = sorted(generator.randint(1, 80) for _ in range(generator.randint(1, 9)))[::-1]
         per_pass = generator.choice([0, 8, 32, 1024])
+        most = generator.choice([None, 40, 100, 300])
         count = len(lengths)
         least = min(
-            cost(lengths, [*cuts, count], per_pass)
+            cost(lengths, [*cuts, count], per_pass, most)
             for size in range(count)
             for cuts in itertools.combinations(range(1, count), size)
         )
-        assert cost(lengths, prefill_passes(lengths, per_pass), per_pass) == least
+        found = prefill_passes(lengths, per_pass, most)
+        assert cost(lengths, found, per_pass, most) == least
     # Two lengths far apart go in two passes; a pass's cost above the padding saved joins them.
     assert prefill_passes([60, 58, 12, 10], 32) == [2, 4]
     assert prefill_passes([60, 58, 12, 10], 100) == [4]
+    # However dear a pass, none holds over `most` padded tokens unless it is one row.
+    assert prefill_passes([60, 58, 12, 10], 100, most=100) == [1, 2, 4]
 
 
 def test_prompts_of_different_lengths_prefill_in_passes(fp32: tuple[object, object]) -> None:

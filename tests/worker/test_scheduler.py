@@ -20,6 +20,7 @@ from gemma_batch.store.claims import claim_chunk
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Item, Job
 from tests.conftest import TINY
+from worker.engine import batcher as batcher_module
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 from worker.scheduler import Scheduler, Ticket
@@ -227,3 +228,72 @@ def test_a_sync_row_decodes_in_the_express_batch_ahead_of_the_main_one(
     first = log.index("express")
     assert steps >= 1 and log[first : first + steps] == ["express"] * steps
     assert log.count("express") == steps and "main" in log[first + steps :]
+
+
+def test_a_sync_request_runs_between_the_prefill_passes_of_rows_joining(
+    scheduler: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One row a pass: the six rows of the job join in six prefill passes.
+    monkeypatch.setitem(batcher_module.PASS_TOKENS, "cpu", 1)
+    log: list[str] = []
+    sync: list[str] = []
+    prefill, express_admit, express_step = (
+        engine.batcher._prefill,
+        engine.express.admit,
+        engine.express.step,
+    )
+
+    def watched_prefill(rows: list[Any], first: int) -> Any:
+        log.append("main prefill")
+        if not sync:  # a sync request arrives while the first pass runs
+            sync.append(_deliver_sync(scheduler))
+        return prefill(rows, first)
+
+    def watched_express_admit(rows: list[Any]) -> list[Any]:
+        log.append("express prefill")
+        return express_admit(rows)
+
+    def watched_express_step() -> list[Any]:
+        log.append("express step")
+        return express_step()
+
+    engine.batcher._prefill = watched_prefill  # type: ignore[method-assign]
+    engine.express.admit, engine.express.step = watched_express_admit, watched_express_step  # type: ignore[method-assign]
+    try:
+        job_id = _job(["a", "bb b", "c c c", "d d d d", "e e e e e", "f f f f f f"])
+        assert _run(scheduler, job_id) == 6
+        deadline = time.monotonic() + 30
+        while _items(sync[0])[0].status == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.batcher._prefill = prefill  # type: ignore[method-assign]
+        engine.express.admit, engine.express.step = express_admit, express_step  # type: ignore[method-assign]
+    [answer] = _items(sync[0])
+    assert answer.status == "completed"
+    assert [item.status for item in _items(job_id)] == ["completed"] * 6
+    # The sync row's prefill and every decode step ran after the first pass, before the second.
+    steps = (answer.completion_tokens or 0) - 1
+    assert steps >= 1
+    assert log[: 2 + steps] == ["main prefill", "express prefill"] + ["express step"] * steps
+    assert log[2 + steps :] == ["main prefill"] * 5
+
+
+def _deliver_sync(scheduler: Scheduler) -> str:
+    """A sync request stored as /v1/completions stores it, and its message delivered."""
+    request = JobCreate.model_validate(
+        {"model": TINY, "items": [{"prompt": "hi"}], "params": {"max_new_tokens": 5}}
+    )
+    with session_scope() as session:
+        job_id = jobs.store_job(
+            session,
+            request,
+            [jobs.NewItem("prompt", "0", "hi")],
+            get_settings(),
+            "tests",
+            priority=INTERACTIVE_PRIORITY,
+        ).id
+    with session_scope() as session:
+        spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, lease_seconds=60)
+    scheduler.submit(Ticket(job_id, 0), spec, claimed)
+    return job_id

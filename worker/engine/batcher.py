@@ -35,6 +35,10 @@ WIDTH_STEP = 64
 # cost (launching every layer's kernels) against what a token costs. On a CPU a token is dear
 # and a pass cheap; on a GPU a pass costs about as much as a thousand tokens.
 PASS_COST = {"cpu": 32, "cuda": 1024}
+# Most padded tokens in one prefill pass: sync requests run between passes (see `admit`), so a
+# pass bounds their wait. On a CPU the 270M takes about a second for 1,024 tokens, and W1's 256
+# prompts prefilled as fast with this bound as without it (512 was 14% slower).
+PASS_TOKENS = {"cpu": 1024, "cuda": 16384}
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,9 @@ class Batcher:
         ] = OrderedDict()
         self._bitmask: Any = None
         self._last_width = 0  # the widest row of the last admission (see capacity)
+        # The worker's scheduler serves sync requests here, in another batcher: it must not
+        # touch this one, whose rows are half-way through joining.
+        self.between_passes: Callable[[], None] | None = None
 
     # --- capacity -------------------------------------------------------------------------
 
@@ -142,7 +149,8 @@ class Batcher:
     def admit(self, rows: list[Row]) -> list[Row]:
         """Prefill `rows` and pick each one's first token; returns those that ended already.
 
-        If a forward pass raises, no row joins and the cache is as it was.
+        `between_passes`, if set, runs between prefill passes. If a forward pass raises, no row
+        joins and the cache is as it was.
         """
         # Longest first, in passes of rows of about one length (see prefill_passes).
         rows = sorted(rows, key=lambda row: len(row.ids) - len(row.prefix), reverse=True)
@@ -157,9 +165,11 @@ class Batcher:
                 cache.copy_in(slot, cache.starts[slot], keys, values)
         # Only what follows each row's prefix is computed; the prefix is in the cache already.
         own = [len(row.ids) - len(row.prefix) for row in rows]
-        cost = PASS_COST["cuda" if self.device.type == "cuda" else "cpu"]
+        device = "cuda" if self.device.type == "cuda" else "cpu"
         logits, begin = [], 0
-        for stop in prefill_passes(own, cost):
+        for stop in prefill_passes(own, PASS_COST[device], PASS_TOKENS[device]):
+            if begin and self.between_passes is not None:
+                self.between_passes()
             logits.append(self._prefill(rows[begin:stop], first + begin))
             begin = stop
         for row in rows:
@@ -414,20 +424,24 @@ class Batcher:
                 slot += 1
 
 
-def prefill_passes(lengths: Sequence[int], pass_cost: int) -> list[int]:
+def prefill_passes(lengths: Sequence[int], pass_cost: int, most: int | None = None) -> list[int]:
     """Where to cut rows (their lengths, longest first) into prefill passes: the end of each.
 
     A pass is padded to its longest row, so one pass over prompts of 10 to 60 tokens computes
     about twice the tokens it needs. The cuts minimise the padded tokens plus `pass_cost` for
     each pass (an exact search over where the passes end, quadratic in the rows: at most a few
-    milliseconds for a full batch).
+    milliseconds for a full batch), with no pass over `most` padded tokens unless it is one row.
     """
     count = len(lengths)
     best = [0] * (count + 1)  # best[j]: least cost of the first j rows
     start = [0] * (count + 1)  # start[j]: where the last pass of that best split begins
     for j in range(1, count + 1):
         # The last pass is rows i..j-1, padded to row i; of equal costs, the earliest cut.
-        best[j], start[j] = min((best[i] + (j - i) * lengths[i] + pass_cost, i) for i in range(j))
+        best[j], start[j] = min(
+            (best[i] + (j - i) * lengths[i] + pass_cost, i)
+            for i in range(j)
+            if most is None or i == j - 1 or (j - i) * lengths[i] <= most
+        )
     ends, j = [], count
     while j:
         ends.append(j)

@@ -102,6 +102,7 @@ class Engine:
         self.prefixes = PrefixCache(model, self.adapters)
         self._json: JsonConstraint | None = None
         self._shared: dict[tuple[str, bool], list[int]] = {}
+        self._admitting: list[Row] = []  # rows joining the main batch, while they prefill
 
     def _decode(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
@@ -154,7 +155,7 @@ class Engine:
         if self.adapter_dir is None:
             raise AdapterError(f"adapter '{name}' asked for, but this engine has no adapter cache")
         # Only a load may evict, so only then are the adapters in use gathered.
-        rows = [*self.batcher.rows, *self.express.rows, *joining]
+        rows = [*self.batcher.rows, *self.express.rows, *self._admitting, *joining]
         in_use = {row.adapter for row in rows if row.adapter}
         self.adapters.load(name, self.adapter_dir / name, in_use)
 
@@ -201,6 +202,8 @@ class Engine:
         for adapter in {row.adapter for row in rows}:
             self.use_adapter(adapter, rows)
         try:
+            if not express:  # their adapters stay loaded for sync rows served between passes
+                self._admitting = rows
             return batcher.admit(rows), []
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
@@ -220,6 +223,9 @@ class Engine:
                 return [], rows
             ended, deferred = self.admit(rows[:keep], express)
             return ended, deferred + rows[keep:]
+        finally:
+            if not express:
+                self._admitting = []
 
     def step(self, express: bool = False) -> list[Row]:
         """One decode step of every running row (of the express batch, if asked); returns the
