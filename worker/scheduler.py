@@ -95,9 +95,9 @@ class Scheduler:
             self._held_ids, worker, settings.lease_seconds, self._report if identity else None
         )
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        engine.batcher.between_passes = self._between_passes
 
     def start(self) -> Scheduler:
+        self.engine.batcher.between_passes = self._between_passes
         self._heartbeat.__enter__()
         self._thread.start()
         return self
@@ -313,10 +313,20 @@ class Scheduler:
                 break
             group.append(self._backlog.popleft().row)
         if group:
-            self._mark_started([row.key.owner for row in group])
-            self._admit_group(group)
+            self._start(group)
             started = True
         return started
+
+    def _start(self, group: list[Any], express: bool = False) -> None:
+        """Count the rows' run, then prefill them; if the count cannot be stored, they go back
+        to the backlog's front rather than being lost between it and the batch."""
+        owners = [row.key.owner for row in group]
+        try:
+            self._mark_started(owners)
+        except Exception:
+            self._backlog.extendleft(reversed(owners))
+            raise
+        self._admit_group(group, express)
 
     def _prepared(self, held: Held) -> bool:
         """Make the item's row once; False if it cannot run (its result is handed over)."""
@@ -348,28 +358,35 @@ class Scheduler:
                 break
             group.append(self._backlog.popleft().row)
         if group:
-            self._mark_started([row.key.owner for row in group])
-            self._admit_group(group, express=True)
+            self._start(group, express=True)
         return bool(group)
 
     def _between_passes(self) -> None:
         """While rows join the main batch, between two of its prefill passes: sync requests
-        delivered or stored meanwhile run to their end in the express batch. A sync call waits
-        for one pass, not for a whole admission (a pulled window of rows on a CPU: seconds).
+        delivered or stored meanwhile (and while they run) decode in the express batch until it
+        is empty. A sync call waits for one pass, not for a whole admission (a pulled window of
+        rows on a CPU: seconds).
 
         Only the express batch is touched: the main one is half-way through its admission.
         """
+        express = self.engine.express
+        rows = express.max_rows
         try:
-            with self._lock:
-                self._take_inbox(sync_only=True)
-            if self._due("interactive", INTERACTIVE_POLL):
-                self._claim(RESERVED_ROWS, interactive=True)
-            while self._admit_express() or self.engine.express.rows:
+            while True:
+                with self._lock:
+                    self._take_inbox(sync_only=True)
+                if not self._stopping and self._due("interactive", INTERACTIVE_POLL):
+                    self._claim(RESERVED_ROWS, interactive=True)
+                if not self._admit_express() and not express.rows:
+                    return
                 self._drop(self._cancelled(), express_only=True)
-                if self.engine.express.rows:
+                if express.rows:
                     self._step(express=True)
         except Exception:  # the admission under way must not take it for its own failure
             log.exception("serving sync requests between prefill passes failed")
+        finally:
+            # Out of memory here is the half-admitted group's doing: no lasting limit from it.
+            express.max_rows = rows
 
     def _admit_group(self, rows: list[Any], express: bool = False) -> None:
         """Prefill a group; if it raises, each half, until the row that raises fails alone."""

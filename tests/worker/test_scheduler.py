@@ -231,23 +231,29 @@ def test_a_sync_row_decodes_in_the_express_batch_ahead_of_the_main_one(
 
 
 def test_a_sync_request_runs_between_the_prefill_passes_of_rows_joining(
-    scheduler: Scheduler, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    scheduler: Scheduler,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # One row a pass: the six rows of the job join in six prefill passes.
+    # One row a pass: six rows join a running batch in six prefill passes.
     monkeypatch.setitem(batcher_module.PASS_TOKENS, "cpu", 1)
     log: list[str] = []
     sync: list[str] = []
-    prefill, express_admit, express_step = (
-        engine.batcher._prefill,
-        engine.express.admit,
-        engine.express.step,
-    )
+    watching = threading.Event()
+    prefill, step = engine.batcher._prefill, engine.batcher.step
+    express_admit, express_step = engine.express.admit, engine.express.step
 
     def watched_prefill(rows: list[Any], first: int) -> Any:
-        log.append("main prefill")
-        if not sync:  # a sync request arrives while the first pass runs
-            sync.append(_deliver_sync(scheduler))
+        if watching.is_set():
+            log.append("main prefill")
+            if not sync:  # a sync request arrives while the first pass runs
+                sync.append(_deliver_sync(scheduler))
         return prefill(rows, first)
+
+    def watched_step() -> list[Any]:
+        log.append("main step")
+        return step()
 
     def watched_express_admit(rows: list[Any]) -> list[Any]:
         log.append("express prefill")
@@ -257,26 +263,43 @@ def test_a_sync_request_runs_between_the_prefill_passes_of_rows_joining(
         log.append("express step")
         return express_step()
 
-    engine.batcher._prefill = watched_prefill  # type: ignore[method-assign]
+    engine.batcher._prefill, engine.batcher.step = watched_prefill, watched_step  # type: ignore[method-assign]
     engine.express.admit, engine.express.step = watched_express_admit, watched_express_step  # type: ignore[method-assign]
     try:
-        job_id = _job(["a", "bb b", "c c c", "d d d d", "e e e e e", "f f f f f f"])
-        assert _run(scheduler, job_id) == 6
+        # Rows already decoding in the main batch, which the sync request must leave alone.
+        long_job = _job(["e", "f"], max_new_tokens=400)
+        with session_scope() as session:
+            spec, claimed = claim_chunk(session, long_job, 0, scheduler.worker, 60)
+        long_ticket = Ticket(long_job, 0)
+        scheduler.submit(long_ticket, spec, claimed)
         deadline = time.monotonic() + 30
-        while _items(sync[0])[0].status == "pending":
+        while "main step" not in log:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        watching.set()
+        job_id = _job(["a", "bb b", "c c c", "d d d d", "e e e e e", "f f f f f f"])
+        assert _run(scheduler, job_id) == 6
+        with session_scope() as session:
+            jobs.cancel_job(session, long_job, "tests")
+        scheduler.wait(long_ticket)
     finally:
-        engine.batcher._prefill = prefill  # type: ignore[method-assign]
+        engine.batcher._prefill, engine.batcher.step = prefill, step  # type: ignore[method-assign]
         engine.express.admit, engine.express.step = express_admit, express_step  # type: ignore[method-assign]
     [answer] = _items(sync[0])
     assert answer.status == "completed"
     assert [item.status for item in _items(job_id)] == ["completed"] * 6
-    # The sync row's prefill and every decode step ran after the first pass, before the second.
+    # After the first pass, the sync row's prefill and all its decode steps; then the other five
+    # passes, the main batch not stepped meanwhile.
     steps = (answer.completion_tokens or 0) - 1
     assert steps >= 1
-    assert log[: 2 + steps] == ["main prefill", "express prefill"] + ["express step"] * steps
-    assert log[2 + steps :] == ["main prefill"] * 5
+    first = log.index("main prefill")
+    joined = log[first : first + 7 + steps]
+    assert (
+        joined
+        == ["main prefill", "express prefill"] + ["express step"] * steps + ["main prefill"] * 5
+    )
+    assert log.count("main prefill") == 6 and "express step" not in log[first + 7 + steps :]
+    assert "between prefill passes failed" not in caplog.text
 
 
 def _deliver_sync(scheduler: Scheduler) -> str:
