@@ -190,28 +190,10 @@ def test_a_sync_row_decodes_in_the_express_batch_ahead_of_the_main_one(
 
     engine.batcher.step, engine.express.step = watched_main, watched_express  # type: ignore[method-assign]
     try:
-        long_job = _job(["e", "f"], max_new_tokens=400)
-        with session_scope() as session:
-            spec, claimed = claim_chunk(session, long_job, 0, scheduler.worker, 60)
-        ticket = Ticket(long_job, 0)
-        scheduler.submit(ticket, spec, claimed)
+        long_job, ticket = _start_long_job(scheduler, log, "main")
+        # Not delivered: the scheduler pulls it from the store by priority.
+        sync = _store_sync()
         deadline = time.monotonic() + 30
-        while "main" not in log:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        # A sync request, as /v1/completions stores it: pulled from the store by priority.
-        request = JobCreate.model_validate(
-            {"model": TINY, "items": [{"prompt": "hi"}], "params": {"max_new_tokens": 5}}
-        )
-        with session_scope() as session:
-            sync = jobs.store_job(
-                session,
-                request,
-                [jobs.NewItem("prompt", "0", "hi")],
-                get_settings(),
-                "tests",
-                priority=INTERACTIVE_PRIORITY,
-            ).id
         while _items(sync)[0].status == "pending":
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -267,15 +249,7 @@ def test_a_sync_request_runs_between_the_prefill_passes_of_rows_joining(
     engine.express.admit, engine.express.step = watched_express_admit, watched_express_step  # type: ignore[method-assign]
     try:
         # Rows already decoding in the main batch, which the sync request must leave alone.
-        long_job = _job(["e", "f"], max_new_tokens=400)
-        with session_scope() as session:
-            spec, claimed = claim_chunk(session, long_job, 0, scheduler.worker, 60)
-        long_ticket = Ticket(long_job, 0)
-        scheduler.submit(long_ticket, spec, claimed)
-        deadline = time.monotonic() + 30
-        while "main step" not in log:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        long_job, long_ticket = _start_long_job(scheduler, log, "main step")
         watching.set()
         job_id = _job(["a", "bb b", "c c c", "d d d d", "e e e e e", "f f f f f f"])
         assert _run(scheduler, job_id) == 6
@@ -302,13 +276,28 @@ def test_a_sync_request_runs_between_the_prefill_passes_of_rows_joining(
     assert "between prefill passes failed" not in caplog.text
 
 
-def _deliver_sync(scheduler: Scheduler) -> str:
-    """A sync request stored as /v1/completions stores it, and its message delivered."""
+def _start_long_job(scheduler: Scheduler, log: list[str], marker: str) -> tuple[str, Ticket]:
+    """Two rows of 400 tokens handed to the scheduler; returns once `marker` is logged (the
+    main batch has stepped), so they decode while the test goes on."""
+    job_id = _job(["e", "f"], max_new_tokens=400)
+    with session_scope() as session:
+        spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, 60)
+    ticket = Ticket(job_id, 0)
+    scheduler.submit(ticket, spec, claimed)
+    deadline = time.monotonic() + 30
+    while marker not in log:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return job_id, ticket
+
+
+def _store_sync() -> str:
+    """A sync request of one item, stored as /v1/completions stores it."""
     request = JobCreate.model_validate(
         {"model": TINY, "items": [{"prompt": "hi"}], "params": {"max_new_tokens": 5}}
     )
     with session_scope() as session:
-        job_id = jobs.store_job(
+        return jobs.store_job(
             session,
             request,
             [jobs.NewItem("prompt", "0", "hi")],
@@ -316,6 +305,11 @@ def _deliver_sync(scheduler: Scheduler) -> str:
             "tests",
             priority=INTERACTIVE_PRIORITY,
         ).id
+
+
+def _deliver_sync(scheduler: Scheduler) -> str:
+    """A sync request stored and its message delivered."""
+    job_id = _store_sync()
     with session_scope() as session:
         spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, lease_seconds=60)
     scheduler.submit(Ticket(job_id, 0), spec, claimed)
