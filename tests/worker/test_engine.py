@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tests.conftest import TINY
 from worker.engine.batcher import Row, prefill_passes
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
+from worker.engine.products import HEAD_ROWS, LAYER_ROWS, FewRowsLinear
 
 PROMPTS = [
     "The capital of France is",
@@ -230,6 +232,27 @@ def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> 
         assert len(alone) == len(together[item.index]) == 4
         for step, (a, b) in enumerate(zip(together[item.index], alone, strict=True)):
             assert torch.allclose(a, b, atol=1e-4), (item.index, step, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("rows", [1, LAYER_ROWS, LAYER_ROWS + 1, HEAD_ROWS, HEAD_ROWS + 1])
+def test_products_of_few_rows_are_the_layers_own(fp32: tuple[object, object], rows: int) -> None:
+    # The loader turns few rows' products round (worker.engine.products): same values as
+    # torch's own product, for the head and for a layer, with and without a bias.
+    model: Any = fp32[0]
+    head, layer = model.lm_head, model.model.layers[0].mlp.up_proj
+    biased = torch.nn.Linear(layer.in_features, layer.out_features)
+    biased.__class__ = FewRowsLinear
+    assert (
+        type(head) is type(layer) is FewRowsLinear
+        and head.weight is model.get_input_embeddings().weight
+    )
+    generator = torch.Generator().manual_seed(rows)
+    for linear in (head, layer, biased):
+        x = torch.randn(rows, 1, linear.in_features, generator=generator)
+        with torch.inference_mode():
+            got, expected = linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias)
+        assert got.shape == expected.shape == (rows, 1, linear.out_features)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:
