@@ -15,6 +15,7 @@ from api.jobs.forms import install_body_schemas
 from api.jobs.routes import router as jobs_router
 from api.jobs.webhooks import deliver_forever
 from api.limits import BodySizeLimit
+from api.openai.completions import finished
 from api.openai.routes import router as openai_router
 from api.ops.routes import router as ops_router
 from gemma_batch.dispatch.dispatcher import dispatch_forever
@@ -31,11 +32,12 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             "AUTH IS OFF (GEMMA_BATCH_AUTH=false): anyone who can reach this API can read and "
             "submit every job as the 'default' tenant. Use this for local work only."
         )
-    # Webhooks and the dispatcher (with the sweep for lost tasks) run in the API process, which
-    # every stack runs.
+    # Webhooks, the dispatcher (with the sweep for lost tasks) and the listener for finished
+    # jobs (which wakes sync calls) run in the API process, which every stack runs.
     loops = [
         asyncio.create_task(deliver_forever(settings)),
         asyncio.create_task(dispatch_forever(settings)),
+        asyncio.create_task(finished.listen_forever(settings.broker_url)),
     ]
     yield
     for loop in loops:

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import redis
 from sqlalchemy import select
 
+from gemma_batch.dispatch.finished import announce
 from gemma_batch.domain.params import JobSpec
 from gemma_batch.domain.records import FINISHED_JOB_STATES, INTERACTIVE_PRIORITY, ItemResult
 from gemma_batch.settings import Settings
@@ -90,6 +92,11 @@ class Scheduler:
         self._stopping = False
         self._backlog: deque[Held] = deque()  # the loop's own: claimed, waiting for a slot
         self._polled = {"interactive": 0.0, "pull": 0.0, "pull-warning": -1e9}
+        # Finished jobs are announced for sync calls waiting on them; a Redis that hangs must
+        # not hold the writer, whose thread announces.
+        self._announcer = redis.Redis.from_url(
+            settings.broker_url, socket_timeout=1, socket_connect_timeout=1
+        )
         self.writer = ResultWriter(self._stored, self._release)
         self._heartbeat = Heartbeat(
             self._held_ids, worker, settings.lease_seconds, self._report if identity else None
@@ -530,6 +537,8 @@ class Scheduler:
             if not still_open:
                 self._over.add(job_id)
             self._lock.notify_all()
+        if not still_open:
+            announce(self._announcer, job_id)
 
     def _release(self, owners: list[object]) -> None:
         """Let go of items without a stored result: their leases lapse, and they run again."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 from sqlalchemy import select
@@ -14,11 +15,15 @@ from api.jobs import service as jobs
 from api.jobs.schemas import JobOptions
 from api.jobs.service import NewItem
 from api.openai.schemas import CONTEXT_ERROR, CompletionRequest, answer_body
+from gemma_batch.dispatch.finished import FinishedJobs
 from gemma_batch.domain.records import INTERACTIVE_PRIORITY, ItemStatus
 from gemma_batch.errors import AppError
 from gemma_batch.settings import Settings
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Item
+
+# Wakes sync calls when a worker announces their job finished (the API's lifespan listens).
+finished = FinishedJobs()
 
 
 class Timeout(AppError):
@@ -93,7 +98,8 @@ async def complete(
     tenant: str,
     gone: Callable[[], Awaitable[bool]],
 ) -> dict[str, Any]:
-    """Queue the request, wait for its answer (polling SQL), and shape it like OpenAI's.
+    """Queue the request, wait for its answer, and shape it like OpenAI's. The answer is read
+    from SQL when the worker announces the job finished, or at the latest at the next poll.
 
     A caller that gives up (it disconnects, or the wait passes GEMMA_BATCH_SYNC_TIMEOUT) has its
     job cancelled, so client retries never pile up work.
@@ -102,18 +108,21 @@ async def complete(
     job_id = await run_in_threadpool(_submit, request, endpoint, settings, tenant)
     deadline = time.monotonic() + settings.sync_timeout
     pause = 0.02
-    while (items := await run_in_threadpool(_finished, job_id)) is None:
-        if await gone():
-            await run_in_threadpool(_cancel, job_id, tenant)
-            raise ClientGone()
-        if time.monotonic() > deadline:
-            await run_in_threadpool(_cancel, job_id, tenant)
-            raise Timeout(
-                f"no worker answered within {settings.sync_timeout:.0f} s; the request was "
-                "cancelled: send it again later, or raise GEMMA_BATCH_SYNC_TIMEOUT"
-            )
-        await asyncio.sleep(pause)
-        pause = min(pause * 1.5, 0.25)
+    with finished.watching(job_id) as word:
+        while (items := await run_in_threadpool(_finished, job_id)) is None:
+            if await gone():
+                await run_in_threadpool(_cancel, job_id, tenant)
+                raise ClientGone()
+            if time.monotonic() > deadline:
+                await run_in_threadpool(_cancel, job_id, tenant)
+                raise Timeout(
+                    f"no worker answered within {settings.sync_timeout:.0f} s; the request was "
+                    "cancelled: send it again later, or raise GEMMA_BATCH_SYNC_TIMEOUT"
+                )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(word.wait(), pause)
+            word.clear()
+            pause = min(pause * 1.5, 0.25)
     failed = next((item for item in items if item.status == ItemStatus.FAILED), None)
     if failed is not None:
         raise GenerationFailed(failed.error or "generation failed")

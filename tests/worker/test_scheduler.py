@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import select, update
 
 from api.jobs import service as jobs
 from api.jobs.schemas import JobCreate
+from gemma_batch.dispatch.finished import CHANNEL
 from gemma_batch.domain.records import INTERACTIVE_PRIORITY
 from gemma_batch.settings import get_settings
 from gemma_batch.store.claims import claim_chunk
 from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Item, Job
-from tests.conftest import TINY
+from tests.conftest import TEST_BROKER, TINY
 from worker.engine import batcher as batcher_module
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
@@ -119,6 +121,22 @@ def test_a_second_delivery_skips_leased_and_finished_items(
     assert second == []  # leased by a live worker: not computed twice
     with session_scope() as session:
         assert jobs.get_job(session, job_id, "tests").status == "running"
+
+
+def test_a_finished_job_is_announced(scheduler: Scheduler) -> None:
+    # What wakes a sync call's wait in the API (gemma_batch.dispatch.finished).
+    listener = redis.Redis.from_url(TEST_BROKER).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(CHANNEL)
+    job_id = _job(["a", "b"])
+    assert _run(scheduler, job_id) == 2
+    heard: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while job_id.encode() not in heard:
+        assert time.monotonic() < deadline, heard
+        message = listener.get_message(timeout=1)
+        if message is not None:
+            heard.append(message["data"])
+    listener.close()
 
 
 def test_rows_of_two_jobs_share_one_batch_and_a_cancel_takes_them_out(
