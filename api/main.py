@@ -15,7 +15,7 @@ from api.jobs.forms import install_body_schemas
 from api.jobs.routes import router as jobs_router
 from api.jobs.webhooks import deliver_forever
 from api.limits import BodySizeLimit
-from api.openai.completions import finished
+from api.openai.completions import finished_jobs
 from api.openai.routes import router as openai_router
 from api.ops.routes import router as ops_router
 from gemma_batch.dispatch.dispatcher import dispatch_forever
@@ -37,7 +37,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     loops = [
         asyncio.create_task(deliver_forever(settings)),
         asyncio.create_task(dispatch_forever(settings)),
-        asyncio.create_task(finished.listen_forever(settings.broker_url)),
+        asyncio.create_task(finished_jobs.listen_forever(settings)),
     ]
     yield
     for loop in loops:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -190,6 +191,11 @@ class Settings(BaseSettings):
         if self.files_dir == Path(""):
             self.files_dir = self.data_dir / "files"
         return self
+
+    def store_tag(self) -> str:
+        """A short name for this store, in the broker's keys and channels: stacks on other
+        databases may share the broker, and each needs its own."""
+        return hashlib.sha256(self.database_url.encode()).hexdigest()[:12]
 
     def masked(self) -> dict[str, str]:
         """Every setting as text, with passwords and tokens hidden."""

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-import redis
 from sqlalchemy import select
 
-from gemma_batch.dispatch.finished import announce
+from gemma_batch.dispatch.finished import Announcer
 from gemma_batch.domain.params import JobSpec
 from gemma_batch.domain.records import FINISHED_JOB_STATES, INTERACTIVE_PRIORITY, ItemResult
 from gemma_batch.settings import Settings
@@ -92,11 +91,7 @@ class Scheduler:
         self._stopping = False
         self._backlog: deque[Held] = deque()  # the loop's own: claimed, waiting for a slot
         self._polled = {"interactive": 0.0, "pull": 0.0, "pull-warning": -1e9}
-        # Finished jobs are announced for sync calls waiting on them; a Redis that hangs must
-        # not hold the writer, whose thread announces.
-        self._announcer = redis.Redis.from_url(
-            settings.broker_url, socket_timeout=1, socket_connect_timeout=1
-        )
+        self._announcer = Announcer(settings)  # finished sync requests, for the calls waiting
         self.writer = ResultWriter(self._stored, self._release)
         self._heartbeat = Heartbeat(
             self._held_ids, worker, settings.lease_seconds, self._report if identity else None
@@ -118,6 +113,7 @@ class Scheduler:
         self._thread.join()
         self.engine.batcher.between_passes = None
         self.writer.close()
+        self._announcer.close()
         self._heartbeat.__exit__(None, None, None)
 
     # --- what the Celery tasks call --------------------------------------------------------
@@ -528,17 +524,19 @@ class Scheduler:
     # --- what the writer calls back ----------------------------------------------------------
 
     def _stored(self, owners: list[object], job_id: str, still_open: bool) -> None:
+        sync = False
         with self._lock:
             for held in owners:
                 assert isinstance(held, Held)
                 if self._held.pop(held.claim.item_id, None) is not None and held.ticket:
                     held.ticket.stored += 1
+                sync = sync or held.claim.priority == INTERACTIVE_PRIORITY
             self._done += len(owners)
             if not still_open:
                 self._over.add(job_id)
             self._lock.notify_all()
-        if not still_open:
-            announce(self._announcer, job_id)
+        if sync and not still_open:
+            self._announcer.announce(job_id)
 
     def _release(self, owners: list[object]) -> None:
         """Let go of items without a stored result: their leases lapse, and they run again."""

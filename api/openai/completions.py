@@ -23,7 +23,10 @@ from gemma_batch.store.sessions import session_scope
 from gemma_batch.store.tables import Item
 
 # Wakes sync calls when a worker announces their job finished (the API's lifespan listens).
-finished = FinishedJobs()
+finished_jobs = FinishedJobs()
+# The store is polled too, for a word lost: first after FIRST_POLL seconds, then each pause half
+# as long again as the last, up to LONGEST_POLL.
+FIRST_POLL, LONGEST_POLL = 0.02, 0.25
 
 
 class Timeout(AppError):
@@ -107,8 +110,8 @@ async def complete(
     request.for_endpoint(endpoint)
     job_id = await run_in_threadpool(_submit, request, endpoint, settings, tenant)
     deadline = time.monotonic() + settings.sync_timeout
-    pause = 0.02
-    with finished.watching(job_id) as word:
+    pause = FIRST_POLL
+    with finished_jobs.watching(job_id) as word:
         while (items := await run_in_threadpool(_finished, job_id)) is None:
             if await gone():
                 await run_in_threadpool(_cancel, job_id, tenant)
@@ -122,7 +125,7 @@ async def complete(
             with suppress(TimeoutError):
                 await asyncio.wait_for(word.wait(), pause)
             word.clear()
-            pause = min(pause * 1.5, 0.25)
+            pause = min(pause * 1.5, LONGEST_POLL)
     failed = next((item for item in items if item.status == ItemStatus.FAILED), None)
     if failed is not None:
         raise GenerationFailed(failed.error or "generation failed")

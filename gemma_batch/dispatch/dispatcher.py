@@ -16,7 +16,6 @@ A release is written to SQL before its message goes out: if the message never ar
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import deque
@@ -173,11 +172,9 @@ class Dispatcher:
         self.client = redis.Redis.from_url(settings.broker_url)
         ttl = max(1.0, LOCK_INTERVALS * settings.dispatch_interval)
         # Not thread-local: each tick runs on whichever thread asyncio lends it.
-        # One lock per database: stacks on other databases may share the broker, and each needs
-        # a dispatcher of its own.
-        store = hashlib.sha256(settings.database_url.encode()).hexdigest()[:12]
+        # One lock per database: each stack sharing the broker needs a dispatcher of its own.
         self.lock = self.client.lock(
-            f"{LOCK}:{store}", timeout=ttl, blocking=False, thread_local=False
+            f"{LOCK}:{settings.store_tag()}", timeout=ttl, blocking=False, thread_local=False
         )
         self.swept = 0.0
 

@@ -235,24 +235,34 @@ def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> 
 
 
 @pytest.mark.parametrize("rows", [1, LAYER_ROWS, LAYER_ROWS + 1, HEAD_ROWS, HEAD_ROWS + 1])
-def test_products_of_few_rows_are_the_layers_own(fp32: tuple[object, object], rows: int) -> None:
+def test_products_of_few_rows_are_turned_round_with_the_same_values(
+    fp32: tuple[object, object], rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The loader turns few rows' products round (worker.engine.products): same values as
-    # torch's own product, for the head and for a layer, with and without a bias.
+    # torch's own product, for the head and for a layer, with and without a bias, for a decode
+    # step's shape (rows, 1, width) and a prefill pass's (1, rows, width).
     model: Any = fp32[0]
     head, layer = model.lm_head, model.model.layers[0].mlp.up_proj
     biased = torch.nn.Linear(layer.in_features, layer.out_features)
     biased.__class__ = FewRowsLinear
-    assert (
-        type(head) is type(layer) is FewRowsLinear
-        and head.weight is model.get_input_embeddings().weight
-    )
+    assert type(head) is type(layer) is FewRowsLinear
+    assert (head.most_rows, layer.most_rows) == (HEAD_ROWS, LAYER_ROWS)
+    assert head.weight is model.get_input_embeddings().weight
+    own = torch.nn.functional.linear
+    calls: list[int] = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: calls.append(1) or own(*args))
     generator = torch.Generator().manual_seed(rows)
     for linear in (head, layer, biased):
-        x = torch.randn(rows, 1, linear.in_features, generator=generator)
-        with torch.inference_mode():
-            got, expected = linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias)
-        assert got.shape == expected.shape == (rows, 1, linear.out_features)
-        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        for shape in ((rows, 1, linear.in_features), (1, rows, linear.in_features)):
+            x = torch.randn(shape, generator=generator)
+            calls.clear()
+            with torch.inference_mode():
+                got = linear(x)
+                expected = own(x, linear.weight, linear.bias)
+            assert len(calls) == (rows > linear.most_rows)  # torch's product only past the bound
+            assert got.shape == expected.shape == (*shape[:-1], linear.out_features)
+            assert got.is_contiguous()
+            assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:

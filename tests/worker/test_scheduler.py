@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from api.jobs import service as jobs
 from api.jobs.schemas import JobCreate
-from gemma_batch.dispatch.finished import CHANNEL
+from gemma_batch.dispatch.finished import channel
 from gemma_batch.domain.records import INTERACTIVE_PRIORITY
 from gemma_batch.settings import get_settings
 from gemma_batch.store.claims import claim_chunk
@@ -123,20 +123,28 @@ def test_a_second_delivery_skips_leased_and_finished_items(
         assert jobs.get_job(session, job_id, "tests").status == "running"
 
 
-def test_a_finished_job_is_announced(scheduler: Scheduler) -> None:
+def test_a_finished_sync_request_is_announced_and_a_batch_job_is_not(
+    scheduler: Scheduler,
+) -> None:
     # What wakes a sync call's wait in the API (gemma_batch.dispatch.finished).
     listener = redis.Redis.from_url(TEST_BROKER).pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(CHANNEL)
-    job_id = _job(["a", "b"])
-    assert _run(scheduler, job_id) == 2
-    heard: list[bytes] = []
-    deadline = time.monotonic() + 10
-    while job_id.encode() not in heard:
-        assert time.monotonic() < deadline, heard
-        message = listener.get_message(timeout=1)
-        if message is not None:
-            heard.append(message["data"])
-    listener.close()
+    listener.subscribe(channel(get_settings()))
+    try:
+        batch_job = _job(["a", "b"])
+        assert _run(scheduler, batch_job) == 2
+        sync = _deliver_sync(scheduler)
+        heard: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while sync.encode() not in heard:
+            assert time.monotonic() < deadline, heard
+            message = listener.get_message(timeout=1)
+            if message is not None:
+                heard.append(message["data"])
+        # Words go out in order: had the batch job's been sent, it would have come first.
+        assert heard == [sync.encode()]
+        assert [item.status for item in _items(sync)] == ["completed"]
+    finally:
+        listener.close()
 
 
 def test_rows_of_two_jobs_share_one_batch_and_a_cancel_takes_them_out(

@@ -10,8 +10,9 @@ the head, so only fewer rows are turned. Turned, one row is padded to two: torch
 matrix-vector product (57 ms for the head) is slower than a product of two rows.
 
 Few rows are what a sync request decodes (alone in its express batch), a batch's last rows, and
-a prefill pass of one short prompt: a 16-token answer alone took 0.84 s instead of 1.68, two
-answers side by side 0.90 s instead of 3.24 (W1's 64 rows: 1.05x, within the noise).
+the head of a prefill pass of a few prompts (it takes each prompt's last position alone): a
+16-token answer alone took 0.84 s instead of 1.68, two answers side by side 0.90 s instead of
+3.24 (W1's 64 rows: 1.05x, within the noise).
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class FewRowsLinear(torch.nn.Linear):
         flat = x.reshape(rows, self.in_features)
         if rows == 1:
             flat = torch.cat([flat, flat.new_zeros(1, self.in_features)])
-        out = (self.weight @ flat.T).T[:rows]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features).contiguous()
+        if self.bias is None:
+            out = self.weight @ flat.T
+        else:
+            out = torch.addmm(self.bias[:, None], self.weight, flat.T)
+        # Contiguous as torch's own product is: the attention layers `view` their projections.
+        return out.T[:rows].reshape(*x.shape[:-1], self.out_features).contiguous()
 
 
 def turn_few_row_products(model: Any) -> None:
