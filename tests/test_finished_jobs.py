@@ -101,7 +101,6 @@ def test_a_sync_call_answers_on_the_word_not_the_poll(
         assert looked.wait(10)
         with session_scope() as session:
             job_id = session.scalar(select(Job.id).where(Job.status == "queued"))
-        with session_scope() as session:
             answer = ItemResult(0, output=" there", finish_reason="stop", completion_tokens=1)
             assert not record_results(session, job_id, [answer])
         announcer.announce(job_id)

@@ -55,13 +55,19 @@ def _job(prompts: list[str], max_new_tokens: int = 3) -> str:
         return jobs.create_job(session, request, get_settings(), "tests").id
 
 
-def _run(scheduler: Scheduler, job_id: str) -> int:
-    """What a delivery of the job's chunk 0 does: claim, hand over, wait; how many it stored."""
+def _hand_over(scheduler: Scheduler, job_id: str) -> Ticket:
+    """What a delivery of the job's chunk 0 does before it waits: claim, hand over."""
     with session_scope() as session:
         spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, lease_seconds=60)
     assert spec is not None
     ticket = Ticket(job_id, 0)
     scheduler.submit(ticket, spec, claimed)
+    return ticket
+
+
+def _run(scheduler: Scheduler, job_id: str) -> int:
+    """What a delivery of the job's chunk 0 does: claim, hand over, wait; how many it stored."""
+    ticket = _hand_over(scheduler, job_id)
     scheduler.wait(ticket)
     return ticket.stored
 
@@ -179,10 +185,7 @@ def test_rows_of_two_jobs_share_one_batch_and_a_cancel_takes_them_out(
             scheduler.wait(ticket)
         assert {first, second} in groups  # one prefill for the rows of both jobs
 
-        with session_scope() as session:
-            spec, claimed = claim_chunk(session, long_job, 0, scheduler.worker, 60)
-        ticket = Ticket(long_job, 0)
-        scheduler.submit(ticket, spec, claimed)
+        ticket = _hand_over(scheduler, long_job)
         deadline = time.monotonic() + 30
         while not any(r.key.owner.job_id == long_job for r in engine.batcher.rows):
             assert time.monotonic() < deadline
@@ -306,10 +309,7 @@ def _start_long_job(scheduler: Scheduler, log: list[str], marker: str) -> tuple[
     """Two rows of 400 tokens handed to the scheduler; returns once `marker` is logged (the
     main batch has stepped), so they decode while the test goes on."""
     job_id = _job(["e", "f"], max_new_tokens=400)
-    with session_scope() as session:
-        spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, 60)
-    ticket = Ticket(job_id, 0)
-    scheduler.submit(ticket, spec, claimed)
+    ticket = _hand_over(scheduler, job_id)
     deadline = time.monotonic() + 30
     while marker not in log:
         assert time.monotonic() < deadline
@@ -336,7 +336,5 @@ def _store_sync() -> str:
 def _deliver_sync(scheduler: Scheduler) -> str:
     """A sync request stored and its message delivered."""
     job_id = _store_sync()
-    with session_scope() as session:
-        spec, claimed = claim_chunk(session, job_id, 0, scheduler.worker, lease_seconds=60)
-    scheduler.submit(Ticket(job_id, 0), spec, claimed)
+    _hand_over(scheduler, job_id)
     return job_id
