@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
 from worker.engine.batcher import Row, prefill_passes
 from worker.engine.engine import Engine
+from worker.engine.head import BLOCK, Head
 from worker.engine.loader import load_model
 from worker.engine.products import HEAD_ROWS, LAYER_ROWS, FewRowsLinear
 
@@ -263,6 +265,40 @@ def test_products_of_few_rows_are_turned_round_with_the_same_values(
             assert got.shape == expected.shape == (*shape[:-1], linear.out_features)
             assert got.is_contiguous()
             assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("cap", [None, 0.5])
+def test_greedy_picks_block_by_block_are_the_whole_rows_picks(
+    cap: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A head of three blocks and a bit, with a weight row repeated two blocks later: the first of
+    # equal maxima must win across blocks, as `max` over the whole row keeps it. With a soft cap
+    # of 0.5, tanh makes every large logit the same, so ties are everywhere.
+    width, vocab = 16, 3 * BLOCK + 100
+    generator = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(width, vocab, bias=False)
+    layer.__class__ = FewRowsLinear
+    layer.most_rows = HEAD_ROWS
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, width, generator=generator))
+        layer.weight[11] *= 5  # far longer than the others: its own row's maximum
+        layer.weight[2 * BLOCK + 7] = layer.weight[11]
+    config = SimpleNamespace(final_logit_softcapping=cap)
+    head = Head(SimpleNamespace(config=config, get_output_embeddings=lambda: layer))
+    hidden = torch.randn(40, width, generator=generator)
+    hidden[3] = layer.weight[11].detach()  # row 3's maximum is the repeated weight row
+    with torch.inference_mode():
+        whole = head.logits(hidden)
+        expected = whole.max(dim=-1).indices
+        if cap is None:
+            assert expected[3] == 11 and whole[3, 11] == whole[3, 2 * BLOCK + 7]
+        else:  # the cap makes ties of many large logits; the first of them is the pick
+            assert (whole == whole.max(dim=-1, keepdim=True).values).sum(dim=-1).min() > 1
+        for rows in (1, HEAD_ROWS, HEAD_ROWS + 1, 40):
+            assert torch.equal(head.greedy(hidden[:rows]), expected[:rows])
+        # Past HEAD_ROWS the picks come block by block, without the whole logits.
+        monkeypatch.setattr(Head, "logits", lambda *_: pytest.fail("the whole logits were made"))
+        assert torch.equal(head.greedy(hidden), expected)
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gemma_batch.domain.params import GenerationParams, JobSpec
-from gemma_batch.domain.records import WorkItem
+from gemma_batch.domain.records import ItemResult, WorkItem
 from worker.engine.engine import Engine
 from worker.engine.loader import load_model
 
@@ -37,31 +37,37 @@ FEWSHOT = (
 @pytest.mark.real_model
 def test_greedy_outputs_match_one_at_a_time(real_model_dir: Path) -> None:
     # 24 rows: the prompts alone, and again behind a shared few-shot prefix (computed once and
-    # copied into each row's slot); mixed budgets; eight slots, so rows join mid-flight.
+    # copied into each row's slot); mixed budgets. With eight slots rows join mid-flight; with
+    # sixteen, steps of more than eight rows take their greedy picks block by block
+    # (worker.engine.head), fewer rows from the whole logits.
     model, tokenizer = load_model(real_model_dir / "gemma-3-270m", "none", "cpu")
-    engine = Engine(model, tokenizer, batch_tokens=16384)
-    engine.batcher.max_rows = 8
     specs = [JobSpec(), JobSpec(prefix=FEWSHOT)]
     work = [
         (spec, WorkItem(i, prompt, None, {"max_new_tokens": 3 + (i * 7 + k) % 14}))
         for k, spec in enumerate(specs)
         for i, prompt in enumerate(PROMPTS)
     ]
-    waiting = [engine.prepare(item, spec, owner=n) for n, (spec, item) in enumerate(work)]
-    assert all(row.prefix for row in waiting[len(PROMPTS) :])  # the prefix is shared
-    together = {}
-    while waiting or engine.batcher.rows:
-        group = []
-        while waiting and engine.batcher.fits(waiting[0], group):
-            group.append(waiting.pop(0))
-        ended = engine.admit(group)[0] if group else []
-        ended += engine.step() if engine.batcher.rows else []
-        together |= {row.key.owner: engine.result(row) for row in ended}
-    assert len(together) == 24
+    together: dict[int, dict[int, ItemResult]] = {}
+    for slots in (8, 16):
+        engine = Engine(model, tokenizer, batch_tokens=16384)
+        engine.batcher.max_rows = slots
+        waiting = [engine.prepare(item, spec, owner=n) for n, (spec, item) in enumerate(work)]
+        assert all(row.prefix for row in waiting[len(PROMPTS) :])  # the prefix is shared
+        results: dict[int, ItemResult] = {}
+        while waiting or engine.batcher.rows:
+            group = []
+            while waiting and engine.batcher.fits(waiting[0], group):
+                group.append(waiting.pop(0))
+            ended = engine.admit(group)[0] if group else []
+            ended += engine.step() if engine.batcher.rows else []
+            results |= {row.key.owner: engine.result(row) for row in ended}
+        assert len(results) == 24
+        together[slots] = results
     for n, (spec, item) in enumerate(work):
         # Alone, and without prefix sharing: the whole prompt computed as one text.
         whole = WorkItem(item.index, spec.prefix + (item.prompt or ""), None)
         own = JobSpec(params=GenerationParams(max_new_tokens=item.params["max_new_tokens"]))
         (alone,) = [r for batch in Engine(model, tokenizer, 16384).run([whole], own) for r in batch]
-        assert together[n].output == alone.output, (n, item.prompt)
-        assert together[n].completion_tokens == alone.completion_tokens
+        for results in together.values():
+            assert results[n].output == alone.output, (n, item.prompt)
+            assert results[n].completion_tokens == alone.completion_tokens

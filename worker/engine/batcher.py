@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from worker.engine.adapters import Adapters
+from worker.engine.head import Head
 from worker.engine.slots import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,15 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
+    def needs_logits(self) -> bool:
+        """Whether picking its next token takes its whole logits, not its greedy pick alone."""
+        return (
+            self.sampling.temperature > 0
+            or self.top_logprobs is not None
+            or self.constraint is not None
+        )
+
+    @property
     def length(self) -> int:
         """The columns the row takes at most: its prompt and every token it may add."""
         return len(self.ids) + self.budget
@@ -102,6 +112,7 @@ class Batcher:
         adapters: Adapters | None = None,
     ) -> None:
         self.model = model
+        self.head = Head(model)
         self.adapters = adapters
         self.stop_ids = set(stop_ids)
         self.batch_tokens, self.max_rows = batch_tokens, max_rows
@@ -166,22 +177,22 @@ class Batcher:
         # Only what follows each row's prefix is computed; the prefix is in the cache already.
         own = [len(row.ids) - len(row.prefix) for row in rows]
         device = "cuda" if self.device.type == "cuda" else "cpu"
-        logits, begin = [], 0
+        hidden, begin = [], 0
         for stop in prefill_passes(own, PASS_COST[device], PASS_TOKENS[device]):
             if begin and self.between_passes is not None:
                 self.between_passes()
-            logits.append(self._prefill(rows[begin:stop], first + begin))
+            hidden.append(self._prefill(rows[begin:stop], first + begin))
             begin = stop
         for row in rows:
             if row.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
         self.rows.extend(rows)
         self._last_width = max(row.length for row in rows)
-        return self._advance(torch.cat(logits), first)
+        return self._advance(torch.cat(hidden), first)
 
     def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
         """One forward pass over rows' own tokens (after their prefixes), into slots first..,
-        each row's right-aligned to end at the cache's shared column; their last logits."""
+        each row's right-aligned to end at the cache's shared column; their last hidden states."""
         cache = self.cache
         assert cache is not None
         end, count = cache.end, len(rows)
@@ -300,9 +311,9 @@ class Batcher:
         cache.writing(slice(0, count), slice(cache.end, cache.end + 1))
         starts = torch.tensor(cache.starts[:count])
         with self._serving([row.adapter for row in self.rows]):
-            logits = self._forward(input_ids, positions, starts, cache.end, 1)
+            hidden = self._forward(input_ids, positions, starts, cache.end, 1)
         cache.end += 1
-        return self._advance(logits, 0)
+        return self._advance(hidden, 0)
 
     def _forward(
         self,
@@ -312,21 +323,22 @@ class Batcher:
         first_column: int,
         queries: int,
     ) -> torch.Tensor:
+        """The rows' hidden states at their last position (the head is taken in `_pick`)."""
         masks = attention_masks(self.model.config, starts, first_column, queries, self.device)
-        out = self.model(
+        out = self.model.model(
             input_ids=input_ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=masks,
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=1,
         )
-        return out.logits[:, -1].float()
+        return out.last_hidden_state[:, -1]
 
-    def _advance(self, logits: torch.Tensor, first: int) -> list[Row]:
-        """Pick the next token of rows first.. from their logits; retire the rows that ended."""
+    def _advance(self, hidden: torch.Tensor, first: int) -> list[Row]:
+        """Pick the next token of rows first.. from their last hidden states; retire the rows
+        that ended."""
         rows = self.rows[first:]
-        picked = self._pick(rows, logits)
+        picked = self._pick(rows, hidden)
         ended = []
         for row, token in zip(rows, picked, strict=True):
             row.tokens.append(token)
@@ -356,7 +368,25 @@ class Batcher:
         tail = self.decode(row.tokens[-(longest + 4) :])
         return any(stop in tail for stop in row.stops)
 
-    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+    def _pick(self, rows: list[Row], hidden: torch.Tensor) -> list[int]:
+        """Each row's next token: the greedy pick, unless the row needs its whole logits."""
+        picked = [0] * len(rows)
+        for part, pick in ((False, self._greedy), (True, self._from_logits)):
+            at = [i for i, row in enumerate(rows) if row.needs_logits is part]
+            if not at:
+                continue
+            # The head runs with each row's adapter too: one may wrap it.
+            with self._serving([rows[i].adapter for i in at]):
+                tokens = pick([rows[i] for i in at], hidden[at])
+            for i, token in zip(at, tokens, strict=True):
+                picked[i] = token
+        return picked
+
+    def _greedy(self, _rows: list[Row], hidden: torch.Tensor) -> list[int]:
+        return self.head.greedy(hidden).tolist()
+
+    def _from_logits(self, rows: list[Row], hidden: torch.Tensor) -> list[int]:
+        logits = self.head.logits(hidden)
         # Log-probabilities come from the model's own logits, before any constraint or sampling
         # setting reshapes them, as OpenAI reports them.
         wanted = [i for i, row in enumerate(rows) if row.top_logprobs is not None]
