@@ -208,6 +208,44 @@ def test_seeded_sampling_is_the_same_batched_or_alone(fp32: tuple[object, object
     assert len(outputs) > 1
 
 
+def test_greedy_sampled_and_logprob_rows_in_one_batch_each_get_their_own_output(
+    fp32: tuple[object, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 18 rows in one batch: 10 greedy (their picks taken block by block, past HEAD_ROWS), 6
+    # sampled with seeds and 2 greedy with log-probabilities (both from their whole logits).
+    # Splitting a step's rows between the two must give each row what it makes alone.
+    def params(i: int) -> dict[str, object]:
+        if i % 3 == 2:
+            return {"max_new_tokens": 8, "temperature": 1.0, "seed": 100 + i}
+        if i in (4, 9):
+            return {"max_new_tokens": 8, "logprobs": True, "top_logprobs": 2}
+        return {"max_new_tokens": 8}
+
+    items = [WorkItem(i, PROMPTS[i % len(PROMPTS)], None, params(i)) for i in range(18)]
+    greedy_rows: list[int] = []
+    greedy = Head.greedy
+    monkeypatch.setattr(
+        Head, "greedy", lambda head, hidden: greedy_rows.append(len(hidden)) or greedy(head, hidden)
+    )
+    together = {
+        r.index: r
+        for batch in Engine(*fp32, batch_tokens=4096).run(items, JobSpec())
+        for r in batch
+    }
+    assert max(greedy_rows) == 10 > HEAD_ROWS
+    for item in items:
+        (alone,) = [
+            r for batch in Engine(*fp32, batch_tokens=4096).run([item], JobSpec()) for r in batch
+        ]
+        assert together[item.index].output == alone.output, item.index
+        assert together[item.index].completion_tokens == alone.completion_tokens
+        if item.index in (4, 9):
+            assert together[item.index].logprobs is not None
+            assert [e["token"] for e in together[item.index].logprobs] == [
+                e["token"] for e in alone.logprobs
+            ]
+
+
 def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> None:
     # Rows of unrelated prompts joining the batch at different steps (two slots for five rows)
     # must get the next-token logits each gets alone, at every step.
@@ -219,10 +257,11 @@ def test_batched_logits_match_each_prompt_alone(fp32: tuple[object, object]) -> 
         seen: dict[int, list[torch.Tensor]] = {}
         pick = engine.batcher._pick
 
-        def watched(rows: list[object], logits: torch.Tensor) -> list[int]:
+        def watched(rows: list[object], hidden: torch.Tensor) -> list[int]:
+            logits = engine.batcher.head.logits(hidden)
             for row, row_logits in zip(rows, logits, strict=True):
                 seen.setdefault(row.key.encoded.item.index, []).append(row_logits.clone())
-            return pick(rows, logits)  # type: ignore[arg-type]
+            return pick(rows, hidden)  # type: ignore[arg-type]
 
         engine.batcher._pick = watched  # type: ignore[method-assign]
         list(engine.run(items, JobSpec(params=GenerationParams(max_new_tokens=4))))
@@ -272,8 +311,9 @@ def test_greedy_picks_block_by_block_are_the_whole_rows_picks(
     cap: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A head of three blocks and a bit, with a weight row repeated two blocks later: the first of
-    # equal maxima must win across blocks, as `max` over the whole row keeps it. With a soft cap
-    # of 0.5, tanh makes every large logit the same, so ties are everywhere.
+    # equal maxima must win across blocks, as `max` over the whole row keeps it; another row's
+    # maximum lies in the last, partial block. With a soft cap of 0.5, tanh makes every large
+    # logit the same, so ties are everywhere.
     width, vocab = 16, 3 * BLOCK + 100
     generator = torch.Generator().manual_seed(5)
     layer = torch.nn.Linear(width, vocab, bias=False)
@@ -283,22 +323,25 @@ def test_greedy_picks_block_by_block_are_the_whole_rows_picks(
         layer.weight.copy_(torch.randn(vocab, width, generator=generator))
         layer.weight[11] *= 5  # far longer than the others: its own row's maximum
         layer.weight[2 * BLOCK + 7] = layer.weight[11]
+        layer.weight[vocab - 3] *= 5
     config = SimpleNamespace(final_logit_softcapping=cap)
     head = Head(SimpleNamespace(config=config, get_output_embeddings=lambda: layer))
     hidden = torch.randn(40, width, generator=generator)
     hidden[3] = layer.weight[11].detach()  # row 3's maximum is the repeated weight row
+    hidden[5] = layer.weight[vocab - 3].detach()  # row 5's is in the last block
+    assert [head.blocks(rows) for rows in (1, HEAD_ROWS, HEAD_ROWS + 1)] == [False, False, True]
     with torch.inference_mode():
         whole = head.logits(hidden)
         expected = whole.max(dim=-1).indices
         if cap is None:
             assert expected[3] == 11 and whole[3, 11] == whole[3, 2 * BLOCK + 7]
+            assert expected[5] == vocab - 3
         else:  # the cap makes ties of many large logits; the first of them is the pick
             assert (whole == whole.max(dim=-1, keepdim=True).values).sum(dim=-1).min() > 1
-        for rows in (1, HEAD_ROWS, HEAD_ROWS + 1, 40):
-            assert torch.equal(head.greedy(hidden[:rows]), expected[:rows])
-        # Past HEAD_ROWS the picks come block by block, without the whole logits.
+        # Block by block, without the whole logits.
         monkeypatch.setattr(Head, "logits", lambda *_: pytest.fail("the whole logits were made"))
-        assert torch.equal(head.greedy(hidden), expected)
+        for rows in (1, HEAD_ROWS + 1, 40):
+            assert torch.equal(head.greedy(hidden[:rows]), expected[:rows])
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:

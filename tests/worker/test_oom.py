@@ -69,3 +69,37 @@ def test_a_lone_row_runs_when_a_full_batchs_cache_does_not_fit(
     assert sizes == [MAX_ROWS, 1]  # a full batch of rows this narrow, then one row
     assert engine.batcher.max_rows == 1
     assert result.error is None and result.output == expected.output
+
+
+def test_the_heads_own_out_of_memory_splits_the_batch_too(
+    model_dir: Path, monkeypatch: Any
+) -> None:
+    # The head runs after the decoder (worker.engine.head): out of memory there, no row may have
+    # joined the batch nor a column counted as written, and the halves then run as usual.
+    from worker.engine.head import Head
+
+    model, tokenizer = load_model(model_dir / TINY, "none", "cpu")
+    items = [WorkItem(i, f"Prompt number {i} about the sea", None) for i in range(8)]
+    spec = JobSpec(params=GenerationParams(max_new_tokens=5))
+    expected = {r.index: r for b in Engine(model, tokenizer, 4096).run(items, spec) for r in b}
+
+    engine = Engine(model, tokenizer, 4096)
+    logits = Head.logits
+    heads: list[int] = []
+
+    def limited(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+        # A fake allocator limit on the head alone: more than 3 rows' logits do not fit.
+        heads.append(len(hidden))
+        if len(hidden) > 3:
+            assert engine.batcher.rows == []  # no row of the group has joined
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return logits(head, hidden)
+
+    monkeypatch.setattr(Head, "logits", limited)
+    results = [r for batch in engine.run(items, spec) for r in batch]
+    assert heads[:3] == [8, 4, 2]
+    assert sorted(r.index for r in results) == list(range(8))
+    for result in results:
+        assert result.error is None
+        assert result.output == expected[result.index].output
+        assert result.completion_tokens == expected[result.index].completion_tokens

@@ -9,6 +9,7 @@ import pytest
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import ItemResult, WorkItem
 from worker.engine.engine import Engine
+from worker.engine.head import Head
 from worker.engine.loader import load_model
 
 PROMPTS = [
@@ -35,7 +36,9 @@ FEWSHOT = (
 
 
 @pytest.mark.real_model
-def test_greedy_outputs_match_one_at_a_time(real_model_dir: Path) -> None:
+def test_greedy_outputs_match_one_at_a_time(
+    real_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 24 rows: the prompts alone, and again behind a shared few-shot prefix (computed once and
     # copied into each row's slot); mixed budgets. With eight slots rows join mid-flight; with
     # sixteen, steps of more than eight rows take their greedy picks block by block
@@ -48,6 +51,11 @@ def test_greedy_outputs_match_one_at_a_time(real_model_dir: Path) -> None:
         for i, prompt in enumerate(PROMPTS)
     ]
     together: dict[int, dict[int, ItemResult]] = {}
+    greedy = Head.greedy
+    blocks: list[int] = []  # the rows of each step whose picks came block by block
+    monkeypatch.setattr(
+        Head, "greedy", lambda head, hidden: blocks.append(len(hidden)) or greedy(head, hidden)
+    )
     for slots in (8, 16):
         engine = Engine(model, tokenizer, batch_tokens=16384)
         engine.batcher.max_rows = slots
@@ -63,6 +71,7 @@ def test_greedy_outputs_match_one_at_a_time(real_model_dir: Path) -> None:
             results |= {row.key.owner: engine.result(row) for row in ended}
         assert len(results) == 24
         together[slots] = results
+        assert max(blocks, default=0) == (16 if slots == 16 else 0)
     for n, (spec, item) in enumerate(work):
         # Alone, and without prefix sharing: the whole prompt computed as one text.
         whole = WorkItem(item.index, spec.prefix + (item.prompt or ""), None)

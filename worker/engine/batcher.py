@@ -186,9 +186,11 @@ class Batcher:
         for row in rows:
             if row.seed is not None:
                 row.generator = torch.Generator(self.device).manual_seed(row.seed)
+        # Picked before the rows join: a head that runs out of memory leaves none joined.
+        picked = self._pick(rows, torch.cat(hidden))
         self.rows.extend(rows)
         self._last_width = max(row.length for row in rows)
-        return self._advance(torch.cat(hidden), first)
+        return self._advance(rows, picked)
 
     def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
         """One forward pass over rows' own tokens (after their prefixes), into slots first..,
@@ -312,8 +314,11 @@ class Batcher:
         starts = torch.tensor(cache.starts[:count])
         with self._serving([row.adapter for row in self.rows]):
             hidden = self._forward(input_ids, positions, starts, cache.end, 1)
+        # Picked before the column counts as written: a head that raises leaves the batch as
+        # it was.
+        picked = self._pick(self.rows, hidden)
         cache.end += 1
-        return self._advance(hidden, 0)
+        return self._advance(self.rows, picked)
 
     def _forward(
         self,
@@ -334,11 +339,8 @@ class Batcher:
         )
         return out.last_hidden_state[:, -1]
 
-    def _advance(self, hidden: torch.Tensor, first: int) -> list[Row]:
-        """Pick the next token of rows first.. from their last hidden states; retire the rows
-        that ended."""
-        rows = self.rows[first:]
-        picked = self._pick(rows, hidden)
+    def _advance(self, rows: list[Row], picked: list[int]) -> list[Row]:
+        """Add each running row's picked token; retire the rows that ended."""
         ended = []
         for row, token in zip(rows, picked, strict=True):
             row.tokens.append(token)
@@ -369,24 +371,29 @@ class Batcher:
         return any(stop in tail for stop in row.stops)
 
     def _pick(self, rows: list[Row], hidden: torch.Tensor) -> list[int]:
-        """Each row's next token: the greedy pick, unless the row needs its whole logits."""
+        """Each row's next token, from its last hidden state. Greedy rows that need nothing
+        more take their picks block by block where the head allows it (worker.engine.head);
+        the others, and all of them where it does not, from their whole logits."""
+        greedy = [i for i, row in enumerate(rows) if not row.needs_logits]
+        if not self.head.blocks(len(greedy)):
+            greedy = []  # one pass of the head serves every row
         picked = [0] * len(rows)
-        for part, pick in ((False, self._greedy), (True, self._from_logits)):
-            at = [i for i, row in enumerate(rows) if row.needs_logits is part]
-            if not at:
-                continue
-            # The head runs with each row's adapter too: one may wrap it.
-            with self._serving([rows[i].adapter for i in at]):
-                tokens = pick([rows[i] for i in at], hidden[at])
-            for i, token in zip(at, tokens, strict=True):
+        if greedy:
+            for i, token in zip(greedy, self.head.greedy(hidden[greedy]).tolist(), strict=True):
+                picked[i] = token
+        if len(greedy) < len(rows):
+            taken = set(greedy)
+            rest = [i for i in range(len(rows)) if i not in taken]
+            # An adapter may wrap the head: then it runs with each row's adapter.
+            adapters = [rows[i].adapter for i in rest]
+            with self._serving(adapters) if self.head.adapted() else nullcontext():
+                logits = self.head.logits(hidden[rest])
+            tokens = self._from_logits([rows[i] for i in rest], logits)
+            for i, token in zip(rest, tokens, strict=True):
                 picked[i] = token
         return picked
 
-    def _greedy(self, _rows: list[Row], hidden: torch.Tensor) -> list[int]:
-        return self.head.greedy(hidden).tolist()
-
-    def _from_logits(self, rows: list[Row], hidden: torch.Tensor) -> list[int]:
-        logits = self.head.logits(hidden)
+    def _from_logits(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         # Log-probabilities come from the model's own logits, before any constraint or sampling
         # setting reshapes them, as OpenAI reports them.
         wanted = [i for i, row in enumerate(rows) if row.top_logprobs is not None]

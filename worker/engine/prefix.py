@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from worker.engine.adapters import Adapters
+from worker.engine.head import Head
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -91,6 +92,4 @@ def forward_suffixes(
     wanted = (lengths[:, None] - keep + torch.arange(keep, device=device)).clamp(min=0)
     picked = hidden[torch.arange(rows, device=device)[:, None], wanted]
     with prefixes.serving(adapter, rows):  # an adapter may target the head too
-        logits = model.lm_head(picked).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+        return Head(model).logits(picked)
