@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
 from worker.engine.batcher import Row, prefill_passes
 from worker.engine.engine import Engine
-from worker.engine.head import BLOCK, Head
+from worker.engine.head import BLOCK, MOST_CANDIDATES, Head, Screen, add_screen
 from worker.engine.loader import load_model
 from worker.engine.products import HEAD_ROWS, LAYER_ROWS, FewRowsLinear
 
@@ -33,6 +34,17 @@ def fp32(model_dir: Path) -> tuple[object, object]:
     return load_model(model_dir / TINY, "none", "cpu")
 
 
+@pytest.fixture(params=["screened", "blocks"])
+def greedy_path(request: pytest.FixtureRequest, fp32: tuple[object, object]) -> Iterator[str]:
+    """The tiny model's greedy picks through a bf16 screen, or block by block, whatever this
+    processor would choose (worker.engine.head), restored after."""
+    layer = fp32[0].get_output_embeddings()  # type: ignore[attr-defined]
+    own = getattr(layer, "screen", None)
+    layer.screen = Screen.of(layer.weight) if request.param == "screened" else None
+    yield request.param
+    layer.screen = own
+
+
 def _items() -> list[WorkItem]:
     return [WorkItem(i, p, None) for i, p in enumerate(PROMPTS)]
 
@@ -41,7 +53,9 @@ def _run(engine: Engine, items: list[WorkItem], params: GenerationParams) -> dic
     return {r.index: r for batch in engine.run(items, JobSpec(params=params)) for r in batch}
 
 
-def test_batched_greedy_matches_one_at_a_time(fp32: tuple[object, object]) -> None:
+def test_batched_greedy_matches_one_at_a_time(
+    fp32: tuple[object, object], greedy_path: str
+) -> None:
     params = GenerationParams(max_new_tokens=12)
     batched = _run(Engine(*fp32, batch_tokens=4096), _items(), params)
     for item in _items():
@@ -209,7 +223,7 @@ def test_seeded_sampling_is_the_same_batched_or_alone(fp32: tuple[object, object
 
 
 def test_greedy_sampled_and_logprob_rows_in_one_batch_each_get_their_own_output(
-    fp32: tuple[object, object], monkeypatch: pytest.MonkeyPatch
+    fp32: tuple[object, object], greedy_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 18 rows in one batch: 10 greedy (their picks taken block by block, past HEAD_ROWS), 6
     # sampled with seeds and 2 greedy with log-probabilities (both from their whole logits).
@@ -329,7 +343,7 @@ def test_greedy_picks_block_by_block_are_the_whole_rows_picks(
     hidden = torch.randn(40, width, generator=generator)
     hidden[3] = layer.weight[11].detach()  # row 3's maximum is the repeated weight row
     hidden[5] = layer.weight[vocab - 3].detach()  # row 5's is in the last block
-    assert [head.blocks(rows) for rows in (1, HEAD_ROWS, HEAD_ROWS + 1)] == [False, False, True]
+    assert [head.picks(rows) for rows in (1, HEAD_ROWS, HEAD_ROWS + 1)] == [False, False, True]
     with torch.inference_mode():
         whole = head.logits(hidden)
         expected = whole.max(dim=-1).indices
@@ -342,6 +356,81 @@ def test_greedy_picks_block_by_block_are_the_whole_rows_picks(
         monkeypatch.setattr(Head, "logits", lambda *_: pytest.fail("the whole logits were made"))
         for rows in (1, HEAD_ROWS + 1, 40):
             assert torch.equal(head.greedy(hidden[:rows]), expected[:rows])
+
+
+def test_screened_greedy_picks_are_the_exact_maxima(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through a bf16 screen, each row's pick must be its exact maximum (the first of equal
+    # maxima), even where two tokens differ by far less than bf16 can tell apart; a row with a
+    # NaN, and a row of zeros (every token a candidate), take the whole logits' pick instead.
+    width, vocab = 16, 3 * BLOCK + 100
+    generator = torch.Generator().manual_seed(7)
+    layer = torch.nn.Linear(width, vocab, bias=False)
+    layer.__class__ = FewRowsLinear
+    layer.most_rows = HEAD_ROWS
+    hidden = torch.randn(40, width, generator=generator)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, width, generator=generator) * 0.3)
+        pairs = [(100, 3 * BLOCK + 50, 1e-3), (7, BLOCK + 9, -1e-3)]
+        for row, (near, far, step) in enumerate(pairs):
+            # Both far the largest for this row, `far` ahead by `step` (1e-4 of the logit), and
+            # also apart across the row (so that bf16 rounds them differently).
+            direction = hidden[row] / hidden[row].norm()
+            across = 4 * torch.randn(width, generator=torch.Generator().manual_seed(122))
+            across -= (across @ direction) * direction
+            layer.weight[near] = 3 * direction
+            layer.weight[far] = 3 * direction + across + step * direction / hidden[row].norm()
+        layer.weight[2 * BLOCK + 3] = layer.weight[55] = 3 * hidden[2] / hidden[2].norm()
+    hidden[3, 4] = torch.nan
+    hidden[4] = 0
+    assert vocab > MOST_CANDIDATES  # so that the row of zeros has too many candidates
+    layer.screen = Screen.of(layer.weight)
+    head = Head(SimpleNamespace(config=SimpleNamespace(), get_output_embeddings=lambda: layer))
+    assert head.picks(1)
+    with torch.inference_mode():
+        # The bf16 product alone would pick row 0's other token: only the bound finds this one.
+        rough = hidden[:1].bfloat16() @ layer.screen.weight.T
+        assert rough[0, 3 * BLOCK + 50] < rough[0, 100] == rough[0].max()
+        exact = (hidden.double() @ layer.weight.double().T).max(dim=-1).indices
+        whole = head.logits(hidden).max(dim=-1).indices
+        logits = head.logits
+        asked: list[int] = []
+        monkeypatch.setattr(Head, "logits", lambda h, x: asked.append(len(x)) or logits(x))
+        picks = head.greedy(hidden)
+        assert asked == [2]  # only the NaN row and the row of zeros
+        assert picks[0] == 3 * BLOCK + 50 and picks[1] == 7 and picks[2] == 55
+        assert picks[3] == whole[3] and picks[4] == whole[4] == 0
+        assert torch.equal(picks[5:], exact[5:])
+        assert torch.equal(picks[:3], exact[:3])
+        for rows in (1, 2, 9):  # alone and in fewer rows: the same picks
+            assert torch.equal(head.greedy(hidden[5 : 5 + rows]), exact[5 : 5 + rows])
+
+
+def test_a_screen_is_added_only_to_an_uncapped_fp32_cpu_head_on_bf16_hardware(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def model(kind: type, cap: float | None) -> SimpleNamespace:
+        layer = torch.nn.Linear(8, 32, bias=False)
+        layer.__class__ = kind
+        config = SimpleNamespace(final_logit_softcapping=cap)
+        return SimpleNamespace(config=config, get_output_embeddings=lambda: layer)
+
+    def screened(native: bool, kind: type, cap: float | None) -> bool:
+        monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda: native)
+        made = model(kind, cap)
+        add_screen(made)
+        return getattr(made.get_output_embeddings(), "screen", None) is not None
+
+    assert screened(True, FewRowsLinear, None)
+    assert not screened(False, FewRowsLinear, None)
+    assert not screened(True, FewRowsLinear, 30.0)
+    assert not screened(True, torch.nn.Linear, None)  # a quantized or bf16 head keeps its own
+    made = model(FewRowsLinear, None)
+    monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda: True)
+    add_screen(made)
+    layer = made.get_output_embeddings()
+    assert layer.screen.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.screen.weight.float(), layer.weight.detach().bfloat16().float())
+    assert layer.screen.widest == pytest.approx(layer.weight.detach().norm(dim=1).max().item())
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:

@@ -84,18 +84,22 @@ def test_the_heads_own_out_of_memory_splits_the_batch_too(
     expected = {r.index: r for b in Engine(model, tokenizer, 4096).run(items, spec) for r in b}
 
     engine = Engine(model, tokenizer, 4096)
-    logits = Head.logits
     heads: list[int] = []
 
-    def limited(head: Head, hidden: torch.Tensor) -> torch.Tensor:
-        # A fake allocator limit on the head alone: more than 3 rows' logits do not fit.
-        heads.append(len(hidden))
-        if len(hidden) > 3:
-            assert engine.batcher.rows == []  # no row of the group has joined
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return logits(head, hidden)
+    def limited(taken: Any) -> Any:
+        # A fake allocator limit on the head alone (its whole logits, or greedy picks without
+        # them, whichever this processor takes): more than 3 rows do not fit.
+        def head(self: Head, hidden: torch.Tensor) -> torch.Tensor:
+            heads.append(len(hidden))
+            if len(hidden) > 3:
+                assert engine.batcher.rows == []  # no row of the group has joined
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return taken(self, hidden)
 
-    monkeypatch.setattr(Head, "logits", limited)
+        return head
+
+    monkeypatch.setattr(Head, "logits", limited(Head.logits))
+    monkeypatch.setattr(Head, "greedy", limited(Head.greedy))
     results = [r for batch in engine.run(items, spec) for r in batch]
     assert heads[:3] == [8, 4, 2]
     assert sorted(r.index for r in results) == list(range(8))

@@ -372,10 +372,11 @@ class Batcher:
 
     def _pick(self, rows: list[Row], hidden: torch.Tensor) -> list[int]:
         """Each row's next token, from its last hidden state. Greedy rows that need nothing
-        more take their picks block by block where the head allows it (worker.engine.head);
-        the others, and all of them where it does not, from their whole logits."""
+        more take their picks without the whole logits where the head allows it
+        (worker.engine.head); the others, and all of them where it does not, from their whole
+        logits."""
         greedy = [i for i, row in enumerate(rows) if not row.needs_logits]
-        if not self.head.blocks(len(greedy)):
+        if not self.head.picks(len(greedy)):
             greedy = []  # one pass of the head serves every row
         picked = [0] * len(rows)
         if greedy:

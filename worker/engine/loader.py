@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TorchAoConfig
 
+from worker.engine.head import add_screen
 from worker.engine.products import turn_few_row_products
 from worker.quantization import TORCHAO_KERNELS, check_mode
 
@@ -122,6 +123,7 @@ def load_weights(path: Path, quantization: str, device: str) -> Any:
     model.eval()
     if device == "cpu" and quantization == "none":
         turn_few_row_products(model)
+        add_screen(model)
     log.info(
         "loaded model %s (%s, %s) in %.1fs",
         path.name,
