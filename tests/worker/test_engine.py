@@ -16,7 +16,14 @@ from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
 from worker.engine.batcher import Row, prefill_passes
 from worker.engine.engine import Engine
-from worker.engine.head import BLOCK, MOST_CANDIDATES, Head, Screen, add_screen
+from worker.engine.head import (
+    BLOCK,
+    MOST_CANDIDATES,
+    Head,
+    Screen,
+    add_screen,
+    bf16_dot_products,
+)
 from worker.engine.loader import load_model
 from worker.engine.products import HEAD_ROWS, LAYER_ROWS, FewRowsLinear
 
@@ -415,7 +422,7 @@ def test_a_screen_is_added_only_to_an_uncapped_fp32_cpu_head_on_bf16_hardware(
         return SimpleNamespace(config=config, get_output_embeddings=lambda: layer)
 
     def screened(native: bool, kind: type, cap: float | None) -> bool:
-        monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda: native)
+        monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda native=native: native)
         made = model(kind, cap)
         add_screen(made)
         return getattr(made.get_output_embeddings(), "screen", None) is not None
@@ -431,6 +438,36 @@ def test_a_screen_is_added_only_to_an_uncapped_fp32_cpu_head_on_bf16_hardware(
     assert layer.screen.weight.dtype == torch.bfloat16
     assert torch.equal(layer.screen.weight.float(), layer.weight.detach().bfloat16().float())
     assert layer.screen.widest == pytest.approx(layer.weight.detach().norm(dim=1).max().item())
+
+
+def test_the_loader_screens_the_head_only_where_bf16_is_native(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for native in (True, False):
+        monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda native=native: native)
+        model, _ = load_model(model_dir / TINY, "none", "cpu")
+        screen = getattr(model.get_output_embeddings(), "screen", None)
+        assert (screen is not None) is native
+    assert screen is None
+    monkeypatch.setattr("worker.engine.head.bf16_dot_products", lambda: True)
+    model, _ = load_model(model_dir / TINY, "bf16", "cpu")  # a bf16 head needs none
+    assert getattr(model.get_output_embeddings(), "screen", None) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ({"avx512_bf16": True, "avx512_f": True}, True),
+        ({"amx_bf16": True, "amx_tile": True}, True),
+        ({"avx512_f": True, "avx2": True, "avx512_bf16": False}, False),
+        ({"architecture": "aarch64"}, False),
+    ],
+)
+def test_bf16_is_native_with_avx512_bf16_or_amx(
+    flags: dict[str, object], native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    assert bf16_dot_products() is native
 
 
 def test_prefill_passes_cost_least_of_every_split() -> None:
