@@ -92,8 +92,7 @@ def add_screen(model: Any) -> None:
     can make tokens far apart equal, which the bound does not see). It costs the head's size
     again at half its width (the 270M: 335 MB)."""
     layer = model.get_output_embeddings()
-    text = getattr(model.config, "text_config", None) or model.config
-    capped = getattr(text, "final_logit_softcapping", None) is not None
+    capped = Head(model).cap is not None
     if type(layer) is FewRowsLinear and layer.bias is None and not capped and bf16_dot_products():
         layer.screen = Screen.of(layer.weight)
 
@@ -148,24 +147,8 @@ class Head:
         wide = hidden.double()
         size = wide.norm(dim=1)
         reach = REACH * screen.widest * size
-        # Each block's best first (amax over a block is 5 times as fast as max over a row):
-        # only the blocks that reach a row's floor are searched token by token.
-        count, vocab = rough.shape
-        whole = vocab - vocab % BLOCK
-        peaks = rough[:, :whole].view(count, -1, BLOCK).amax(dim=2)
-        if whole < vocab:
-            peaks = torch.cat([peaks, rough[:, whole:].amax(dim=1, keepdim=True)], dim=1)
-        floor = peaks.max(dim=1).values.double() - 2 * reach
-        # Compared in bf16, the floor rounded down: lowered by more than its rounding can raise it.
-        floor = (floor - floor.abs() * 2.0**-7).bfloat16()
-        rows, blocks = (peaks >= floor[:, None]).nonzero(as_tuple=True)
-        places = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).clamp(max=vocab - 1)
-        found, at = (rough[rows[:, None], places] >= floor[rows, None]).nonzero(as_tuple=True)
-        # A partial last block's clamped places repeat its last token: each is kept once.
-        rows, tokens = rows[found], places[found, at]
-        unique = (at == 0) | (tokens != vocab - 1) | (places[found, at - 1] != vocab - 1)
-        rows, tokens = rows[unique], tokens[unique]
-        # That floor takes the longest weight row's bound for every token; with each candidate's
+        rows, tokens = _within(rough, 2 * reach)
+        # That margin takes the longest weight row's bound for every token; with each candidate's
         # own, fewer stay: those whose best case reaches the best worst case of the row.
         value, own = rough[rows, tokens].double(), REACH * screen.lengths[tokens] * size[rows]
         lowest = wide.new_full((len(hidden),), -torch.inf)
@@ -174,8 +157,8 @@ class Head:
         rows, tokens = rows[near], tokens[near]
         # No candidate (a NaN in the row), too many, or a bound not trusted: the row's pick comes
         # from its whole fp32 logits, as without a screen.
-        found = torch.bincount(rows, minlength=count)
-        odd = (found == 0) | (found > MOST_CANDIDATES) | ~(reach >= REACH * SMALLEST)
+        per_row = torch.bincount(rows, minlength=len(hidden))
+        odd = (per_row == 0) | (per_row > MOST_CANDIDATES) | ~(reach >= REACH * SMALLEST)
         if odd.any():
             kept = ~odd[rows]
             rows, tokens = rows[kept], tokens[kept]
@@ -198,3 +181,24 @@ class Head:
         if self.cap is None:
             return logits
         return torch.tanh(logits / self.cap) * self.cap
+
+
+def _within(rough: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, token) places whose `rough` logit is within a row's `margin` (fp64) of the row's
+    largest. Each block's best first (amax over a block is 5 times as fast as max over a row):
+    only the blocks that reach a row's floor are searched token by token."""
+    count, vocab = rough.shape
+    whole = vocab - vocab % BLOCK
+    peaks = rough[:, :whole].view(count, -1, BLOCK).amax(dim=2)
+    if whole < vocab:
+        peaks = torch.cat([peaks, rough[:, whole:].amax(dim=1, keepdim=True)], dim=1)
+    floor = peaks.max(dim=1).values.double() - margin
+    # Compared in bf16, the floor rounded down: lowered by more than its rounding can raise it.
+    floor = (floor - floor.abs() * 2.0**-7).bfloat16()
+    rows, blocks = (peaks >= floor[:, None]).nonzero(as_tuple=True)
+    places = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).clamp(max=vocab - 1)
+    found, at = (rough[rows[:, None], places] >= floor[rows, None]).nonzero(as_tuple=True)
+    # A partial last block's clamped places repeat its last token: each is kept once.
+    rows, tokens = rows[found], places[found, at]
+    unique = (at == 0) | (tokens != vocab - 1) | (places[found, at - 1] != vocab - 1)
+    return rows[unique], tokens[unique]
