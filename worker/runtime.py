@@ -62,7 +62,7 @@ def load_engine() -> Any:
     work started end too: the scheduler's thread is then the process's only thread with a team
     of them. With a second team (the load's, kept by a thread that lives on), libgomp counts
     more threads than cores and stops letting idle ones spin between parallel ops, so each op
-    waits for threads to wake: a CPU worker decoded 10-15% slower than the engine alone.
+    waits for threads to wake: a CPU worker ran the same batch 15-20% slower than the engine alone.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="model-load") as loading:
         return loading.submit(_load_engine).result()
