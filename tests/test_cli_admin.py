@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from gemma_batch.settings import Settings
 from tests.conftest import run_cli
-from worker.launcher import celery_command, plan_workers
+from worker.launcher import OPENMP_SPIN, celery_command, child_env, plan_workers
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -54,3 +56,12 @@ def test_one_pinned_worker_per_gpu() -> None:
 
     (cpu,) = plan_workers(settings, None, "cpu")
     assert cpu.hostname == "cpu@%h" and "CUDA_VISIBLE_DEVICES" not in cpu.env
+
+
+def test_workers_spin_briefly_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    (cpu,) = plan_workers(Settings(model="gemma-2b-it"), None, "cpu")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert child_env(cpu)["GOMP_SPINCOUNT"] == OPENMP_SPIN == "2000"
+    assert child_env(cpu)["GEMMA_BATCH_DEVICE"] == "cpu"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50000")
+    assert child_env(cpu)["GOMP_SPINCOUNT"] == "50000"

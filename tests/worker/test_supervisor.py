@@ -44,7 +44,8 @@ def _wait_for(check, timeout: float = 60.0):  # type: ignore[no-untyped-def]
 
 def test_supervisor_pins_replaces_and_stops(model_dir: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "gemma_batch", "worker", "--gpus", "0,1", "--device", "cpu"]
-    env = os.environ | {"GEMMA_BATCH_MODEL": TINY}
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env |= {"GEMMA_BATCH_MODEL": TINY}
     log = (tmp_path / "supervisor.log").open("wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     supervisor = psutil.Process(process.pid)
@@ -55,6 +56,7 @@ def test_supervisor_pins_replaces_and_stops(model_dir: Path, tmp_path: Path) -> 
             child_env = psutil.Process(pid).environ()
             assert child_env["GEMMA_BATCH_DEVICE"] == "cpu"
             assert child_env["GEMMA_BATCH_MODEL"] == TINY
+            assert child_env["GOMP_SPINCOUNT"] == "2000"  # OpenMP spins briefly in workers
         hostnames = {" ".join(psutil.Process(pid).cmdline()) for pid in first.values()}
         assert any("gpu0@" in line for line in hostnames) and any(
             "gpu1@" in line for line in hostnames
