@@ -61,7 +61,7 @@ def test_one_pinned_worker_per_gpu() -> None:
 def test_workers_spin_briefly_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
     (cpu,) = plan_workers(Settings(model="gemma-2b-it"), None, "cpu")
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert child_env(cpu)["GOMP_SPINCOUNT"] == OPENMP_SPIN == "2000"
+    assert child_env(cpu)["GOMP_SPINCOUNT"] == OPENMP_SPIN == "20000"
     assert child_env(cpu)["GEMMA_BATCH_DEVICE"] == "cpu"
     monkeypatch.setenv("GOMP_SPINCOUNT", "50000")
     assert child_env(cpu)["GOMP_SPINCOUNT"] == "50000"

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 # A child that dies at once (a broken GPU) must not be restarted in a tight loop.
 RESTART_PAUSE = 1.0
 # How many times libgomp's idle threads spin waiting for the next parallel op before they sleep:
-# about 20 us, not its default of 300,000 (about 3 ms). A worker shares its cores with the API,
+# about 0.2 ms, not its default of 300,000 (about 3 ms). A worker shares its cores with the API,
 # Celery's consumer and its own writer, and a team that spins for milliseconds takes their CPU:
-# 200 one-item jobs took 11% longer on 2 cores (docs/benchmarks.md), while the engine alone ran
-# no slower. A GOMP_SPINCOUNT in the environment wins.
-OPENMP_SPIN = "2000"
+# on 2 cores, 200 one-item jobs submitted to a running worker lost less against one job of the
+# same items (docs/benchmarks.md). Much shorter spins (200) slowed the engine alone. A
+# GOMP_SPINCOUNT in the environment wins.
+OPENMP_SPIN = "20000"
 
 
 @dataclass(frozen=True)
