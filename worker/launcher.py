@@ -63,7 +63,8 @@ def plan_workers(
 
 
 def child_env(spec: WorkerSpec) -> dict[str, str]:
-    """A worker process's environment: this one's, with the spec's pinning and settings."""
+    """A worker process's environment: the short OpenMP spin unless this one sets its own, this
+    one's, then the spec's pinning and settings."""
     return {"GOMP_SPINCOUNT": OPENMP_SPIN} | dict(os.environ) | spec.env
 
 
