@@ -104,6 +104,20 @@ def test_the_window_and_the_weights_decide_what_is_released(settings: Settings) 
     assert [(r.job_id, r.chunk) for r in sent] == [(heavy, 2), (heavy, 3)]
 
 
+def test_a_submission_releases_only_on_an_idle_model(settings: Settings) -> None:
+    first = _submit(settings, "a", 4)
+    assert _released(first) == 1  # alone: released by its own submission
+    # Beside an open job, the window has room but the submission leaves it to the next tick,
+    # which releases every such job in one pass.
+    second, third = _submit(settings, "b", 1), _submit(settings, "c", 1)
+    assert (_released(second), _released(third)) == (0, 0)
+    sent = _release(settings)
+    assert sorted((r.job_id, r.chunk, r.size) for r in sent) == sorted(
+        [(second, 0, 1), (third, 0, 1)]
+    )
+    assert (_released(second), _released(third)) == (1, 1)
+
+
 def test_workers_pull_only_released_items_shared_by_weight(settings: Settings) -> None:
     light = _submit(settings, "light", 40, weight=1)
     heavy = _submit(settings, "heavy", 40, weight=3)

@@ -102,7 +102,7 @@ def test_a_sync_call_answers_on_the_word_not_the_poll(
         with session_scope() as session:
             job_id = session.scalar(select(Job.id).where(Job.status == "queued"))
             answer = ItemResult(0, output=" there", finish_reason="stop", completion_tokens=1)
-            assert not record_results(session, job_id, [answer])
+            assert record_results(session, {job_id: [answer]}) == {job_id}
         announcer.announce(job_id)
 
     async def gone() -> bool:

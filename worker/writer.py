@@ -1,7 +1,7 @@
 """Results go to SQL from a thread of their own, in batches, off the decode path.
 
 The scheduler hands each finished item over and goes on decoding; the writer stores what has
-gathered, one transaction per job, riding out a database that goes away for a while. Only
+gathered, one transaction for them all, riding out a database that goes away for a while. Only
 pending items are written (see gemma_batch.store.results), so a result is stored once however
 often it is handed over.
 """
@@ -78,15 +78,12 @@ class ResultWriter:
         by_job: dict[str, list[tuple[object, ItemResult]]] = {}
         for owner, job_id, result in batch:
             by_job.setdefault(job_id, []).append((owner, result))
+        results = {job_id: [result for _, result in entries] for job_id, entries in by_job.items()}
+        try:
+            over = with_db_retries(partial(record_results, by_job=results))
+        except Exception:  # the database stayed away: the items stay pending, run again later
+            log.exception("giving up storing %s results of %s jobs", len(batch), len(by_job))
+            self._given_up([owner for owner, _, _ in batch])
+            return
         for job_id, entries in by_job.items():
-            owners = [owner for owner, _ in entries]
-            results = [result for _, result in entries]
-            try:
-                still_open = with_db_retries(
-                    partial(record_results, job_id=job_id, results=results)
-                )
-            except Exception:  # the database stayed away: the items stay pending, run again later
-                log.exception("giving up storing %s results of job %s", len(results), job_id)
-                self._given_up(owners)
-                continue
-            self._stored(owners, job_id, still_open)
+            self._stored([owner for owner, _ in entries], job_id, job_id not in over)

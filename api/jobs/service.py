@@ -283,7 +283,6 @@ def store_job(
     if options.callback_url is not None:
         _check_callback(options, settings)
     spec = options.spec()
-    queued = queued_items(session, tenant)
     job = Job(
         tenant=tenant,
         model=model.served_by,
@@ -308,6 +307,9 @@ def store_job(
     # A job of one batch goes in as one short transaction; only a bigger one is committed batch
     # by batch while it stays invisible.
     whole = len(first) < INSERT_BATCH
+    # A big job's rows are committed batch by batch: the tenant's queue is counted first, so a
+    # job that cannot go in is refused early. A whole job needs only _publish's exact check.
+    queued = None if whole else queued_items(session, tenant)
     session.add(job)
     # With a key, a concurrent retry fails here on the unique key, and finds this job.
     if whole:
@@ -339,7 +341,13 @@ def store_job(
         raise
     if sync:
         releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
-    else:  # the model's window's room, at once rather than on the dispatcher's next tick
+    elif _busy(session, job):
+        # Its workers have other work: the dispatcher's next tick releases this job's chunks,
+        # fairly among the rest, within dispatch_interval. A burst of small jobs is then
+        # released a tick's worth at a time rather than each by a release of its own, whose
+        # queries grow with the open jobs and take CPU from the workers on a small machine.
+        releases = []
+    else:  # an idle model: its window's room at once rather than on the dispatcher's next tick
         try:
             releases = release(session, job.model, settings)
             session.commit()
@@ -358,6 +366,14 @@ def store_job(
     return job
 
 
+def _busy(session: Session, job: Job) -> bool:
+    """Whether another job of the model is open."""
+    other = select(Job.id).where(
+        Job.model == job.model, Job.status.in_(OPEN_JOB_STATES), Job.id != job.id
+    )
+    return session.scalar(other.limit(1)) is not None
+
+
 def _check_callback(options: JobOptions, settings: Settings) -> None:
     try:
         check_url(httpx.URL(str(options.callback_url)), Allowlist.parse(settings.webhook_allow))
@@ -372,7 +388,7 @@ def _insert_all(
     model: PreparedModel,
     items: Iterable[NewItem],
     settings: Settings,
-    queued: int,
+    queued: int | None,
     check_context: bool,
     whole: bool,
 ) -> int:
@@ -382,7 +398,7 @@ def _insert_all(
         if total + len(batch) > settings.max_items:
             raise _file_error(f"more rows than the limit of {settings.max_items}")
         # An early refusal, before the rows are stored; _publish makes the exact check.
-        if queued + total + len(batch) > settings.max_queued_items:
+        if queued is not None and queued + total + len(batch) > settings.max_queued_items:
             raise TooManyQueued(queued, settings.max_queued_items)
         _check_prompt_chars(batch, settings.max_prompt_chars)
         if check_context:

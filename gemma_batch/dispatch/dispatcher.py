@@ -7,8 +7,10 @@ and each job's chunks in order, so a tenant's small job waits for at most a wind
 another tenant's whole backlog. Workers pull only from released chunks (gemma_batch.store.claims).
 
 One dispatcher acts at a time: every API process runs the loop, and the one holding a Redis lock
-does the work; another takes over within a few intervals of its loss. A submission also tops up
-its model's queue at once, so a job on an idle fleet starts without waiting for the loop.
+does the work; another takes over within a few intervals of its loss. A submission to a model
+with no other job open also tops up its queue at once, so a job on an idle fleet starts without
+waiting for the loop; beside other open jobs it waits for the loop, which then releases a whole
+burst of submissions in one pass.
 A release is written to SQL before its message goes out: if the message never arrives, the sweep
 (gemma_batch.dispatch.sweep) sends it again.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
@@ -15,13 +17,24 @@ from gemma_batch.domain.records import (
 from gemma_batch.store.tables import Item, Job, db_now
 
 
-def record_results(session: Session, job_id: str, results: list[ItemResult]) -> bool:
-    """Store results and bump the job's counts in one transaction; True while the job goes on.
+def record_results(session: Session, by_job: dict[str, list[ItemResult]]) -> set[str]:
+    """Store results and bump their jobs' counts in one transaction; returns the jobs that are
+    over (finished, or cancelled meanwhile).
 
+    One transaction for many jobs, so that a batch of one-item jobs costs one commit. Jobs are
+    written in id order: two writers holding rows of the same jobs lock them in the same order.
     Only pending items are written, so a repeated write (a redelivered chunk) changes nothing,
     and the counts move by exactly the rows that changed.
     """
     now = db_now(session)
+    for job_id in sorted(by_job):
+        _record(session, job_id, by_job[job_id], now)
+    session.commit()
+    statuses = session.execute(select(Job.id, Job.status).where(Job.id.in_(by_job)))
+    return {job_id for job_id, status in statuses if status in FINISHED_JOB_STATES}
+
+
+def _record(session: Session, job_id: str, results: list[ItemResult], now: datetime) -> None:
     completed = failed = 0
     for result in results:
         status = ItemStatus.FAILED if result.error else ItemStatus.COMPLETED
@@ -56,6 +69,3 @@ def record_results(session: Session, job_id: str, results: list[ItemResult]) -> 
             finished_at=case((finished, now), else_=Job.finished_at),
         )
     )
-    session.commit()
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    return status not in FINISHED_JOB_STATES
