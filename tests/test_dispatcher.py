@@ -88,7 +88,9 @@ def test_the_window_and_the_weights_decide_what_is_released(settings: Settings) 
         1,
     }
     heavy = _submit(settings, "heavy", 40, weight=3)
-    assert _released(heavy) == 0  # the window is full: released, nobody holds them yet
+    # The window is full (released, nobody holds them yet): the tick releases nothing.
+    assert _release(settings) == []
+    assert _released(heavy) == 0
 
     # A worker leases the window; room again, and it goes to the tenant holding least per
     # weight: light holds 8, heavy nothing, so both chunks are heavy's.

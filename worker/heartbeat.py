@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _connection_lost(exc: BaseException) -> bool:
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the database is away (retried), rather than refusing the work."""
     # OperationalError covers a server that is down, restarting or refusing connections (and
     # SQLite's "database is locked"); other DBAPI errors count only if the connection dropped.
     return isinstance(exc, OperationalError) or (
@@ -43,7 +44,7 @@ def with_db_retries(work: Callable[[Session], T]) -> T:
     database is back, for up to db_retry_seconds.
     """
     retrying = Retrying(
-        retry=retry_if_exception(_connection_lost),
+        retry=retry_if_exception(connection_lost),
         wait=wait_exponential(multiplier=0.5, max=10),
         stop=stop_after_delay(get_settings().db_retry_seconds),
         before_sleep=before_sleep_log(log, logging.WARNING),

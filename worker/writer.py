@@ -17,7 +17,7 @@ from functools import partial
 
 from gemma_batch.domain.records import ItemResult
 from gemma_batch.store.results import record_results
-from worker.heartbeat import with_db_retries
+from worker.heartbeat import connection_lost, with_db_retries
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,17 @@ class ResultWriter:
         results = {job_id: [result for _, result in entries] for job_id, entries in by_job.items()}
         try:
             over = with_db_retries(partial(record_results, by_job=results))
-        except Exception:  # the database stayed away: the items stay pending, run again later
-            log.exception("giving up storing %s results of %s jobs", len(batch), len(by_job))
-            self._given_up([owner for owner, _, _ in batch])
+        except Exception as exc:
+            # The database stayed away past the retries: the items stay pending, run again later.
+            if len(by_job) == 1 or connection_lost(exc):
+                log.exception("giving up storing %s results of %s jobs", len(batch), len(by_job))
+                self._given_up([owner for owner, _, _ in batch])
+                return
+            # A write the store refuses outright (a value it cannot hold, say) costs only its
+            # own job's items: the others go in job by job.
+            log.warning("a batch of %s jobs' results failed; storing them job by job", len(by_job))
+            for job_id, entries in by_job.items():
+                self._write([(owner, job_id, result) for owner, result in entries])
             return
         for job_id, entries in by_job.items():
             self._stored([owner for owner, _ in entries], job_id, job_id not in over)

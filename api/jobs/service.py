@@ -283,6 +283,7 @@ def store_job(
     if options.callback_url is not None:
         _check_callback(options, settings)
     spec = options.spec()
+    queued = queued_items(session, tenant)
     job = Job(
         tenant=tenant,
         model=model.served_by,
@@ -307,9 +308,6 @@ def store_job(
     # A job of one batch goes in as one short transaction; only a bigger one is committed batch
     # by batch while it stays invisible.
     whole = len(first) < INSERT_BATCH
-    # A big job's rows are committed batch by batch: the tenant's queue is counted first, so a
-    # job that cannot go in is refused early. A whole job needs only _publish's exact check.
-    queued = None if whole else queued_items(session, tenant)
     session.add(job)
     # With a key, a concurrent retry fails here on the unique key, and finds this job.
     if whole:
@@ -341,15 +339,14 @@ def store_job(
         raise
     if sync:
         releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
-    elif _busy(session, job):
-        # Its workers have other work: the dispatcher's next tick releases this job's chunks,
-        # fairly among the rest, within dispatch_interval. A burst of small jobs is then
-        # released a tick's worth at a time rather than each by a release of its own, whose
-        # queries grow with the open jobs and take CPU from the workers on a small machine.
-        releases = []
-    else:  # an idle model: its window's room at once rather than on the dispatcher's next tick
+    else:
+        # An idle model's window's room at once rather than on the dispatcher's next tick. Beside
+        # other open jobs, the next tick releases this one's chunks, fairly among the rest,
+        # within dispatch_interval: a burst of small jobs is then released a tick's worth at a
+        # time rather than each by a release of its own, whose queries grow with the open jobs
+        # and take CPU from the workers on a small machine.
         try:
-            releases = release(session, job.model, settings)
+            releases = [] if _busy(session, job) else release(session, job.model, settings)
             session.commit()
         except Exception:  # a deadlock, say: the job is in, and the dispatcher will release it
             session.rollback()
@@ -388,7 +385,7 @@ def _insert_all(
     model: PreparedModel,
     items: Iterable[NewItem],
     settings: Settings,
-    queued: int | None,
+    queued: int,
     check_context: bool,
     whole: bool,
 ) -> int:
@@ -398,7 +395,7 @@ def _insert_all(
         if total + len(batch) > settings.max_items:
             raise _file_error(f"more rows than the limit of {settings.max_items}")
         # An early refusal, before the rows are stored; _publish makes the exact check.
-        if queued is not None and queued + total + len(batch) > settings.max_queued_items:
+        if queued + total + len(batch) > settings.max_queued_items:
             raise TooManyQueued(queued, settings.max_queued_items)
         _check_prompt_chars(batch, settings.max_prompt_chars)
         if check_context:
