@@ -82,7 +82,8 @@ class ResultWriter:
         try:
             over = with_db_retries(partial(record_results, by_job=results))
         except Exception as exc:
-            # The database stayed away past the retries: the items stay pending, run again later.
+            # The database stayed away past the retries, or refused one job's results: those
+            # items stay pending and run again later.
             if len(by_job) == 1 or connection_lost(exc):
                 log.exception("giving up storing %s results of %s jobs", len(batch), len(by_job))
                 self._given_up([owner for owner, _, _ in batch])
