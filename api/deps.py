@@ -24,8 +24,14 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
+async def _settings() -> Settings:
+    # A cached read: async, so that it runs on the event loop, not on a trip to the thread pool
+    # that FastAPI gives every sync dependency.
+    return get_settings()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 def current_tenant(

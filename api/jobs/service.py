@@ -10,7 +10,7 @@ from itertools import chain, islice
 from typing import IO, Any
 
 import httpx
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from api.jobs.ingest import detect_format, iter_rows
@@ -79,17 +79,25 @@ def _check_prompt_chars(batch: list[NewItem], limit: int) -> None:
         raise InvalidRequest(errors)
 
 
+# The queries every submission makes, built once: building a statement costs several times
+# what running it does, and each small job's submission takes its CPU from the workers.
+_QUEUED = select(func.coalesce(func.sum(Job.total - Job.completed - Job.failed), 0)).where(
+    Job.tenant == bindparam("tenant"), Job.status.in_(OPEN_JOB_STATES)
+)
+_OTHER_OPEN = (
+    select(Job.id)
+    .where(
+        Job.model == bindparam("model"),
+        Job.status.in_(OPEN_JOB_STATES),
+        Job.id != bindparam("job_id"),
+    )
+    .limit(1)
+)
+
+
 def queued_items(session: Session, tenant: str) -> int:
     """How many of the tenant's items are still to be done, in its queued and running jobs."""
-    left = func.sum(Job.total - Job.completed - Job.failed)
-    return (
-        session.scalar(
-            select(func.coalesce(left, 0)).where(
-                Job.tenant == tenant, Job.status.in_(OPEN_JOB_STATES)
-            )
-        )
-        or 0
-    )
+    return session.scalar(_QUEUED, {"tenant": tenant}) or 0
 
 
 def _check_context(model: PreparedModel, options: JobOptions, batch: list[NewItem]) -> None:
@@ -274,10 +282,11 @@ def store_job(
 
     Items arrive as a stream and go in by batches, each its own short transaction when there is
     more than one, so a huge upload never sits in memory nor holds the database from other
-    tenants' submissions. Until its last row is in, the job is `uploading`: no worker, listing
-    or queue count sees it, and any bad item removes it whole, so nothing half-made is ever
-    seen. The tenant's queue limit
-    is then checked and the job made `queued` in one step, under a per-tenant lock.
+    tenants' submissions. Until its last row is in, such a job is `uploading`: no worker,
+    listing or queue count sees it, and any bad item removes it whole, so nothing half-made is
+    ever seen. The tenant's queue limit is then checked and the job made `queued` in one step,
+    under a per-tenant lock. A job of one batch goes in `queued`, as it will stay, in one
+    transaction that the same check ends.
     """
     model = get_prepared(settings.model_dir, options.model)
     if options.callback_url is not None:
@@ -303,11 +312,15 @@ def store_job(
         request_hash=request_hash,
         priority=priority,
     )
+    sync = priority == INTERACTIVE_PRIORITY
     iterator = iter(items)
     first = list(islice(iterator, INSERT_BATCH))
-    # A job of one batch goes in as one short transaction; only a bigger one is committed batch
-    # by batch while it stays invisible.
+    # A job of one batch goes in as one short transaction, its row written once, as it will
+    # stay; only a bigger one is committed batch by batch while it stays invisible.
     whole = len(first) < INSERT_BATCH
+    if whole:
+        _set_totals(session, job, len(first), columns, settings, sync)
+        job.status = JobStatus.QUEUED
     session.add(job)
     # With a key, a concurrent retry fails here on the unique key, and finds this job.
     if whole:
@@ -321,23 +334,17 @@ def store_job(
         )
         if unique_ids:
             _check_unique_ids(session, job.id)
-        job.total = total
-        job.chunks = -(-total // settings.chunk_size)
-        job.column_types = columns.types if columns is not None else None
-        job.columns = list(columns.types) if columns is not None else None
-        size = settings.chunk_size
-        sizes = [min(size, total - start) for start in range(0, total, size)]
-        sync = priority == INTERACTIVE_PRIORITY
-        # A sync request goes out whole, past any window: released as it is published.
-        job.released = job.chunks if sync else 0
-        job.dispatched_at = db_now(session) if sync else None
-        _publish(session, job, settings)
+        if not whole:
+            _set_totals(session, job, total, columns, settings, sync)
+        _publish(session, job, settings, whole)
     except BaseException:
         session.rollback()
         if not whole:
             _remove(session, job.id)
         raise
     if sync:
+        size = settings.chunk_size
+        sizes = [min(size, job.total - start) for start in range(0, job.total, size)]
         releases = [Release(job.id, job.model, c, n, priority) for c, n in enumerate(sizes)]
     else:
         # An idle model's window's room at once rather than on the dispatcher's next tick. Beside
@@ -359,16 +366,31 @@ def store_job(
         log.error("broker unreachable, dropping job %s: %s", job.id, exc)
         _remove(session, job.id)
         raise ServiceUnavailable("the job queue is unreachable; nothing was stored") from exc
-    log.info("job %s: %s items in %s chunks for %s", job.id, total, len(sizes), job.model)
+    log.info("job %s: %s items in %s chunks for %s", job.id, job.total, job.chunks, job.model)
     return job
+
+
+def _set_totals(
+    session: Session,
+    job: Job,
+    total: int,
+    columns: ColumnTypes | None,
+    settings: Settings,
+    sync: bool,
+) -> None:
+    """What the job holds, once its rows are all known."""
+    job.total = total
+    job.chunks = -(-total // settings.chunk_size)
+    job.column_types = columns.types if columns is not None else None
+    job.columns = list(columns.types) if columns is not None else None
+    # A sync request goes out whole, past any window: released as it is published.
+    job.released = job.chunks if sync else 0
+    job.dispatched_at = db_now(session) if sync else None
 
 
 def _busy(session: Session, job: Job) -> bool:
     """Whether another job of the model is open."""
-    other = select(Job.id).where(
-        Job.model == job.model, Job.status.in_(OPEN_JOB_STATES), Job.id != job.id
-    )
-    return session.scalar(other.limit(1)) is not None
+    return session.scalar(_OTHER_OPEN, {"model": job.model, "job_id": job.id}) is not None
 
 
 def _check_callback(options: JobOptions, settings: Settings) -> None:
@@ -423,36 +445,32 @@ def _check_unique_ids(session: Session, job_id: str) -> None:
         raise _file_error(f"rows {first + 1} and {last + 1} both have the id '{custom_id}'")
 
 
-def _publish(session: Session, job: Job, settings: Settings) -> None:
-    """Make the stored job `queued` unless that puts its tenant over the queue limit.
+def _publish(session: Session, job: Job, settings: Settings, whole: bool) -> None:
+    """Commit the stored job `queued` unless that puts its tenant over the queue limit.
 
-    The job's own update comes first: on SQLite it takes the database's write lock, so the
-    count after it sees every other publication; PostgreSQL takes a lock on the tenant.
+    The job's own write comes first (the insert of a job of one batch, the update of a bigger
+    one): on SQLite it takes the database's write lock, so the count after it sees every other
+    publication; PostgreSQL takes a lock on the tenant.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": job.tenant}
         )
-    published = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.UPLOADING)
-        .values(
-            status=JobStatus.QUEUED,
-            total=job.total,
-            chunks=job.chunks,
-            released=job.released,
-            dispatched_at=job.dispatched_at,
-            columns=job.columns,
-            column_types=job.column_types,
-        )
-    ).rowcount
-    if not published:
-        raise Conflict(f"job '{job.id}' was cancelled while its rows went in", "job_id")
+    if not whole:
+        session.flush()  # the totals just set on the job, then the update that publishes it
+        published = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.UPLOADING)
+            .values(status=JobStatus.QUEUED)
+        ).rowcount
+        if not published:
+            raise Conflict(f"job '{job.id}' was cancelled while its rows went in", "job_id")
     queued = queued_items(session, job.tenant)
     if queued > settings.max_queued_items:
         raise TooManyQueued(queued - job.total, settings.max_queued_items)
     session.commit()
-    session.refresh(job)
+    if not whole:
+        session.refresh(job)
 
 
 def _remove(session: Session, job_id: str) -> None:
