@@ -293,11 +293,17 @@ def store_job(
         _check_callback(options, settings)
     spec = options.spec()
     queued = queued_items(session, tenant)
+    sync = priority == INTERACTIVE_PRIORITY
+    iterator = iter(items)
+    first = list(islice(iterator, INSERT_BATCH))
+    # A job of one batch goes in as one short transaction, its row written once, as it will
+    # stay; only a bigger one is committed batch by batch while it stays invisible.
+    whole = len(first) < INSERT_BATCH
     job = Job(
         tenant=tenant,
         model=model.served_by,
         adapter=model.name if model.base else None,
-        status=JobStatus.UPLOADING,
+        status=JobStatus.QUEUED if whole else JobStatus.UPLOADING,
         created_at=db_now(session),  # the sweep's clock, whatever this host's says
         params=spec.params.model_dump(),
         prefix=spec.prefix or None,
@@ -312,15 +318,8 @@ def store_job(
         request_hash=request_hash,
         priority=priority,
     )
-    sync = priority == INTERACTIVE_PRIORITY
-    iterator = iter(items)
-    first = list(islice(iterator, INSERT_BATCH))
-    # A job of one batch goes in as one short transaction, its row written once, as it will
-    # stay; only a bigger one is committed batch by batch while it stays invisible.
-    whole = len(first) < INSERT_BATCH
     if whole:
         _set_totals(session, job, len(first), columns, settings, sync)
-        job.status = JobStatus.QUEUED
     session.add(job)
     # With a key, a concurrent retry fails here on the unique key, and finds this job.
     if whole:
