@@ -15,7 +15,10 @@ from tests.faults.conftest import FaultStack, prompts, wait_for
 
 TOTAL = 8  # one chunk
 VISIBILITY = 3.0
-SLEEP = 3.0  # per item (the hook sleeps the sum over a micro-batch): the chunk runs some 24 s
+# Per item (the hook sleeps the sum over a micro-batch): the chunk runs some 48 s, so that it is
+# still running when a second worker has started and taken the redelivered chunk (on a busy
+# 2-core machine that start took 17 s, and 24 s of sleep was once too short).
+SLEEP = 6.0
 
 
 def test_chunk_outliving_the_visibility_timeout_is_computed_once(
