@@ -62,9 +62,11 @@ bench-w6: bench-setup
 	$(PY) -m bench.w6_adapters
 
 # The torchao modes against bf16 fit the device's time; nf4 and int8 (bitsandbytes) are memory
-# savers, measured with --precisions when wanted.
+# savers, measured with --precisions when wanted. Then the real stack on the GPU against its
+# engine alone, 1,024 items in 16 jobs.
 bench-gpu: bench-setup
 	$(PY) -m bench.gpu --precisions bf16,int8-wo,int4-wo,fp8 --out bench-gpu.json
+	$(PY) -m bench.e2e --device cuda --items 1024 --jobs 16 --runs 2
 
 bench-quant: bench-setup
 	$(PY) -m bench.quant_cpu

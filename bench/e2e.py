@@ -17,8 +17,11 @@ the service's own time, and to the moment the polling client sees it, which adds
 interval and a request made while the worker finishes (0.7 to 1.0 s measured on a 60 s job).
 The systems take turns, round by round. Clients poll every 0.5 s (half the client's default):
 more often would take CPU from the worker on a small machine, less often would add waiting.
+On a GPU (`--device cuda`, bf16) the whole path's items go in as `--jobs` jobs submitted at once,
+as a GPU is meant to be fed: `--device cuda --items 1024 --jobs 16`.
 
-    .venv/bin/python -m bench.e2e [--items 256] [--small 200] [--runs 3]
+    .venv/bin/python -m bench.e2e [--items 256] [--small 200] [--runs 3] [--device cpu|cuda]
+                                  [--jobs 1]
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def small_jobs(client: Client, texts: list[str]) -> datetime:
     with ThreadPoolExecutor(20) as pool:
         jobs = list(pool.map(lambda t: client.submit(MODEL, [{"prompt": t}], PARAMS), texts))
     return wait_all(client, {job.id for job in jobs})
+
+
+def split_jobs(client: Client, texts: list[str], jobs: int) -> datetime:
+    """The texts as `jobs` jobs of about equal size, submitted at once; the last recorded
+    finish."""
+    parts = [texts[n::jobs] for n in range(jobs)]
+    with ThreadPoolExecutor(jobs) as pool:
+        made = list(
+            pool.map(
+                lambda part: client.submit(MODEL, [{"prompt": t} for t in part], PARAMS), parts
+            )
+        )
+    return wait_all(client, {job.id for job in made})
 
 
 def stack_timed(seen: Row, recorded: Row, work: Callable[[], datetime]) -> None:
@@ -98,35 +114,39 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=256)
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs the whole path's items go in")
     args = parser.parse_args()
     folder = use_private_store(MODEL)
     from gemma_batch.cli.stack import LocalStack
     from worker.engine.engine import Engine
     from worker.engine.loader import load_model
 
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     texts = prompts(args.items)
 
-    model, tokenizer = load_model(model_path(), "none", "cpu")
+    model, tokenizer = load_model(model_path(), "none", args.device)
     engine = Engine(model, tokenizer, batch_tokens=get_settings().batch_tokens)
     items = [WorkItem(i, t, None) for i, t in enumerate(texts)]
     spec = JobSpec(params=GenerationParams(**PARAMS))
     small = texts[: args.small]
     engine_row = Row("engine alone, one call", args.items)
-    stack_row = Row("API -> Redis -> worker -> SQL, one job, to its recorded finish", args.items)
-    stack_seen = Row("the same job, as the polling client sees it", args.items)
+    jobs = "one job" if args.jobs == 1 else f"{args.jobs} jobs"
+    stack_row = Row(f"API -> Redis -> worker -> SQL, {jobs}, to the recorded finish", args.items)
+    stack_seen = Row("the same, as the polling client sees it", args.items)
     one_row = Row(f"one job of {args.small} items, to its recorded finish", args.small)
     one_seen = Row("the same, as the polling client sees it", args.small)
     many_row = Row(f"{args.small} one-item jobs at once, to the last recorded finish", args.small)
     many_seen = Row("the same, as the polling client sees them", args.small)
 
-    with LocalStack({}, folder / "logs", ["--device", "cpu"]) as stack:
+    with LocalStack({}, folder / "logs", ["--device", args.device]) as stack:
         client = stack.client()
         one_job(client, texts[:8])  # loads the model in the worker
         # Round by round, so that a shared machine's drift falls on every system alike.
         for _ in range(args.runs):
             timed(engine_row, 1, lambda: [r for b in engine.run(items, spec) for r in b])
-            stack_timed(stack_seen, stack_row, lambda: one_job(client, texts))
+            stack_timed(stack_seen, stack_row, lambda: split_jobs(client, texts, args.jobs))
             stack_timed(one_seen, one_row, lambda: one_job(client, small))
             stack_timed(many_seen, many_row, lambda: small_jobs(client, small))
     rows = [engine_row, stack_row, stack_seen]

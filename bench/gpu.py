@@ -1,7 +1,9 @@
 """GPU figures on gemma-2b and gemma-7b shapes with random weights (a GPU box may have no hub).
 
 For each model and precision, side by side:
-- `batcher`: the worker's own continuous batcher (worker.engine.batcher), all rows joining at once;
+- `batcher`: the worker's own continuous batcher (worker.engine.batcher), all rows joining at once,
+  reading its tokens back every 8 decode steps on a GPU (STEPS_PER_READ), and `batcher-each-step`,
+  the same reading them after every step, to show what the windows are worth;
 - `eager` and `static`: transformers' `generate` with a dynamic cache, and with the static cache
   it compiles on CUDA (torch.compile, CUDA graphs), rows padded to a few fixed shapes;
 decode step time at batch 1 against the HBM roofline (weight bytes / measured copy bandwidth: at
@@ -33,7 +35,8 @@ from transformers import GemmaConfig, GemmaForCausalLM
 
 from gemma_batch.settings import Settings
 from worker.engine.batcher import Batcher, Row
-from worker.engine.loader import UnsupportedQuantization, gpu_memory_bytes, load_weights
+from worker.engine.loader import gpu_memory_bytes, load_weights
+from worker.quantization import UnsupportedQuantization
 
 ARCHS: dict[str, dict[str, int]] = {
     "gemma-2b": {
@@ -135,9 +138,12 @@ def generate(model: Any, ids: torch.Tensor, new: int, static: bool) -> torch.Ten
     return out[:rows, width:]
 
 
-def batched(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
-    """The worker's continuous batcher, every row joining at once and running its budget."""
+def batched(model: Any, ids: torch.Tensor, new: int, each_step: bool) -> torch.Tensor:
+    """The worker's continuous batcher, every row joining at once and running its budget; with
+    `each_step`, its tokens read back after every decode step."""
     batcher = Batcher(model, [], 10**9, ids.shape[0], lambda tokens: "")
+    if each_step:
+        batcher.steps_per_read = 1
     done = batcher.admit([Row(key=i, ids=row, budget=new) for i, row in enumerate(ids.tolist())])
     while batcher.rows:
         done += batcher.step()
@@ -149,8 +155,8 @@ def timed(model: Any, rows: int, new: int, mode: str) -> float:
     sync()
     started = time.perf_counter()
     with torch.inference_mode():
-        if mode == "batcher":
-            out = batched(model, ids, new)
+        if mode.startswith("batcher"):
+            out = batched(model, ids, new, each_step=mode == "batcher-each-step")
         else:
             out = generate(model, ids, new, static=mode == "static")
     sync()
@@ -199,7 +205,7 @@ def run_model(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for mode in ("batcher", "eager", "static"):
+    for mode in ("batcher", "batcher-each-step", "eager", "static"):
         one = measure(model, 1, mode)
         report.add(
             **common,
@@ -211,7 +217,7 @@ def run_model(
         if not report.time_left():
             report.add(**common, rows=rows, skipped="time budget")
             continue
-        for mode in ("batcher", "static"):
+        for mode in ("batcher", "batcher-each-step", "static"):
             report.add(**common, **measure(model, rows, mode))
     report.add(
         **common,

@@ -35,9 +35,10 @@ def serve(host: str, port: int) -> None:
     log.info("worker metrics on port %s", port)
 
 
-def forward(rows: int) -> None:
-    """Count one forward pass of `rows` rows."""
-    BATCH_SIZE.observe(rows)
+def forward(rows: int, passes: int = 1) -> None:
+    """Count `passes` forward passes of `rows` rows each."""
+    for _ in range(passes):
+        BATCH_SIZE.observe(rows)
 
 
 def observe(results: list[ItemResult], seconds: float) -> None:

@@ -411,7 +411,7 @@ class Scheduler:
     def _step(self, express: bool = False) -> None:
         batcher = self.engine.express if express else self.engine.batcher
         started = time.perf_counter()
-        metrics.forward(len(batcher.rows))
+        metrics.forward(len(batcher.rows), batcher.window())
         try:
             ended = self.engine.step(express)
         except Exception as exc:

@@ -14,7 +14,7 @@ from gemma_batch.domain.chat import gemma_turns
 from gemma_batch.domain.params import GenerationParams, JobSpec
 from gemma_batch.domain.records import WorkItem
 from tests.conftest import TINY
-from worker.engine.batcher import Row, prefill_passes
+from worker.engine.batcher import STEPS_PER_READ, Batcher, Row, Sampling, prefill_passes
 from worker.engine.engine import Engine
 from worker.engine.head import (
     BLOCK,
@@ -554,3 +554,78 @@ def test_a_wide_row_after_narrow_ones_takes_few_slots(fp32: tuple[object, object
     wide = _row(engine, "A very long prompt " * 60, 200)
     batcher.admit([wide])
     assert batcher.cache.slots == 4096 // wide.length
+
+
+def _decode_all(
+    fp32: tuple[Any, Any], window: int, budgets: list[int], stop_ids: list[int], stops: list[str]
+) -> tuple[dict[int, tuple[list[int], str | None]], int]:
+    """The PROMPTS with these budgets through three slots, rows joining as slots free up, with
+    `window` decode steps a read; each row's tokens and finish, and the `step` calls made."""
+    model, tokenizer = fp32
+    batcher = Batcher(model, stop_ids, 4096, 3, tokenizer.decode)
+    batcher.steps_per_read = window
+    waiting = [
+        Row(key=i, ids=tokenizer(p)["input_ids"], budget=n, stops=stops)
+        for i, (p, n) in enumerate(zip(PROMPTS, budgets, strict=True))
+    ]
+    done: dict[int, tuple[list[int], str | None]] = {}
+    calls = 0
+    while waiting or batcher.rows:
+        group = []
+        while waiting and batcher.fits(waiting[0], group):
+            group.append(waiting.pop(0))
+        ended = batcher.admit(group) if group else []
+        if batcher.rows:
+            ended += batcher.step()
+            calls += 1
+        done |= {row.key: (row.tokens, row.finish) for row in ended}
+    return done, calls
+
+
+def test_decode_steps_read_back_in_windows_end_each_row_where_single_steps_do(
+    fp32: tuple[Any, Any],
+) -> None:
+    # On a GPU greedy rows run several decode steps before their tokens are read back
+    # (STEPS_PER_READ). A row that meets an end token or a stop string inside a window must end
+    # where steps read one at a time end it, its later tokens dropped; rows joining between
+    # windows must not notice; no window may run past a row's budget.
+    assert STEPS_PER_READ == {"cpu": 1, "cuda": 8}
+    budgets = [9, 14, 5, 11, 7]
+    free, _ = _decode_all(fp32, 1, budgets, [], [])
+    # An end token that some row makes part-way (not first, not at its budget), and a stop
+    # string that another row's text holds part-way.
+    end = next(t for tokens, _ in free.values() for t in tokens[2:-2] if t not in tokens[:2])
+    tokenizer = fp32[1]
+    stop = next(
+        text
+        for tokens, _ in free.values()
+        if end not in tokens
+        for text in [tokenizer.decode(tokens[3:4]).strip()]
+        if text and text not in tokenizer.decode(tokens[:3])
+    )
+    single, single_calls = _decode_all(fp32, 1, budgets, [end], [stop])
+    windowed, windowed_calls = _decode_all(fp32, 4, budgets, [end], [stop])
+    assert windowed == single
+    finishes = [finish for _, finish in single.values()]
+    assert "stop" in finishes and "length" in finishes
+    assert any(
+        finish == "stop" and 1 < len(tokens) < budgets[key]
+        for key, (tokens, finish) in single.items()
+    )
+    assert all(len(tokens) <= budgets[key] for key, (tokens, _) in windowed.items())
+    assert windowed_calls < single_calls
+
+
+def test_a_window_is_one_step_where_a_row_needs_the_host_at_each_token(
+    fp32: tuple[Any, Any],
+) -> None:
+    model, tokenizer = fp32
+    batcher = Batcher(model, [], 4096, 4, tokenizer.decode)
+    batcher.steps_per_read = 8
+    ids = tokenizer("The sea is")["input_ids"]
+    batcher.admit([Row(key=0, ids=ids, budget=20), Row(key=1, ids=ids, budget=6)])
+    assert batcher.window() == 5  # the shorter row's budget left, after its first token
+    batcher.admit([Row(key=2, ids=ids, budget=30)])
+    assert batcher.window() == 5
+    batcher.admit([Row(key=3, ids=ids, budget=30, sampling=Sampling(temperature=1.0))])
+    assert batcher.window() == 1

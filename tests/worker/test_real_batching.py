@@ -43,7 +43,8 @@ def test_greedy_outputs_match_one_at_a_time(
     # copied into each row's slot); mixed budgets. With eight slots rows join mid-flight; with
     # sixteen, steps of more than eight rows take their greedy picks block by block
     # (worker.engine.head), fewer rows from the whole logits; on a processor that multiplies
-    # bf16 natively, every step takes them through the head's bf16 screen instead.
+    # bf16 natively, every step takes them through the head's bf16 screen instead. Then sixteen
+    # slots again with eight decode steps a read, as on a GPU (worker.engine.batcher's windows).
     model, tokenizer = load_model(real_model_dir / "gemma-3-270m", "none", "cpu")
     screened = getattr(model.get_output_embeddings(), "screen", None) is not None
     specs = [JobSpec(), JobSpec(prefix=FEWSHOT)]
@@ -52,15 +53,15 @@ def test_greedy_outputs_match_one_at_a_time(
         for k, spec in enumerate(specs)
         for i, prompt in enumerate(PROMPTS)
     ]
-    together: dict[int, dict[int, ItemResult]] = {}
+    together: dict[tuple[int, int], dict[int, ItemResult]] = {}
     greedy = Head.greedy
     picked: list[int] = []  # the rows of each step whose picks came without the whole logits
     monkeypatch.setattr(
         Head, "greedy", lambda head, hidden: picked.append(len(hidden)) or greedy(head, hidden)
     )
-    for slots in (8, 16):
+    for slots, window in ((8, 1), (16, 1), (16, 8)):
         engine = Engine(model, tokenizer, batch_tokens=16384)
-        engine.batcher.max_rows = slots
+        engine.batcher.max_rows, engine.batcher.steps_per_read = slots, window
         waiting = [engine.prepare(item, spec, owner=n) for n, (spec, item) in enumerate(work)]
         assert all(row.prefix for row in waiting[len(PROMPTS) :])  # the prefix is shared
         results: dict[int, ItemResult] = {}
@@ -72,7 +73,7 @@ def test_greedy_outputs_match_one_at_a_time(
             ended += engine.step() if engine.batcher.rows else []
             results |= {row.key.owner: engine.result(row) for row in ended}
         assert len(results) == 24
-        together[slots] = results
+        together[slots, window] = results
         assert max(picked, default=0) == (16 if slots == 16 else 8 if screened else 0)
     for n, (spec, item) in enumerate(work):
         # Alone, and without prefix sharing: the whole prompt computed as one text.

@@ -40,6 +40,14 @@ PASS_COST = {"cpu": 32, "cuda": 1024}
 # pass bounds their wait. On a CPU the 270M takes about a second for 1,024 tokens, and W1's 256
 # prompts prefilled as fast with this bound as without it (512 was 14% slower).
 PASS_TOKENS = {"cpu": 1024, "cuda": 16384}
+# Decode steps run before their tokens are read back on the host, where every running row is
+# greedy (sampling, log-probabilities and JSON answers need the host at each token). A GPU only
+# queues work: reading a step's tokens makes the host wait for the GPU, then the GPU for the host
+# while it launches the next step; several steps between reads keep the GPU busy while the host
+# works ahead. A CPU computes as it is told, so there is nothing to win there, and one step a read
+# keeps a cancel or a joining row from waiting for more. A row that ends within a window has
+# made a few tokens past its end, which are dropped (and a few columns of compute wasted).
+STEPS_PER_READ = {"cpu": 1, "cuda": 8}
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class Batcher:
         self.decode = decode
         self.device = model.device
         self.dtype = next(model.parameters()).dtype
+        self.steps_per_read = STEPS_PER_READ["cuda" if self.device.type == "cuda" else "cpu"]
         self.rows: list[Row] = []  # running rows; a row's slot is its index
         self.cache: SlotCache | None = None
         # By adapter and ids: an adapter changes the prefix's keys and values too.
@@ -190,7 +199,7 @@ class Batcher:
         picked = self._pick(rows, torch.cat(hidden))
         self.rows.extend(rows)
         self._last_width = max(row.length for row in rows)
-        return self._advance(rows, picked)
+        return self._advance(rows, [[token] for token in picked])
 
     def _prefill(self, rows: list[Row], first: int) -> torch.Tensor:
         """One forward pass over rows' own tokens (after their prefixes), into slots first..,
@@ -304,21 +313,62 @@ class Batcher:
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
-        """One decode step for every running row; returns the rows that ended."""
+        """Decode steps for every running row, as many as `window` allows before their tokens
+        are read back (one on a CPU); returns the rows that ended."""
         cache = self.cache
         assert cache is not None and self.rows
-        count = len(self.rows)
-        input_ids = torch.tensor([[row.tokens[-1]] for row in self.rows])
-        positions = torch.tensor([[len(row.ids) + len(row.tokens) - 1] for row in self.rows])
-        cache.writing(slice(0, count), slice(cache.end, cache.end + 1))
-        starts = torch.tensor(cache.starts[:count])
-        with self._serving([row.adapter for row in self.rows]):
-            hidden = self._forward(input_ids, positions, starts, cache.end, 1)
-        # Picked before the column counts as written: a head that raises leaves the batch as
-        # it was.
-        picked = self._pick(self.rows, hidden)
-        cache.end += 1
+        count, steps, end = len(self.rows), self.window(), cache.end
+        tokens = self._on_device([row.tokens[-1] for row in self.rows])
+        positions = self._on_device([len(row.ids) + len(row.tokens) - 1 for row in self.rows])
+        starts = self._on_device(cache.starts[:count])
+        picked: list[list[int]] = []
+        made: list[torch.Tensor] = []
+        try:
+            for step in range(steps):
+                cache.writing(slice(0, count), slice(cache.end, cache.end + 1))
+                with self._serving([row.adapter for row in self.rows]):
+                    hidden = self._forward(
+                        tokens[:, None], (positions + step)[:, None], starts, cache.end, 1
+                    )
+                if steps == 1:
+                    # Picked before the column counts as written: a head that raises leaves the
+                    # batch as it was.
+                    picked = [[token] for token in self._pick(self.rows, hidden)]
+                else:
+                    tokens = self._greedy(hidden)
+                    made.append(tokens)
+                cache.end += 1
+        except BaseException:
+            cache.end = end
+            raise
+        if made:
+            picked = torch.stack(made, dim=1).tolist()  # the window's one read
         return self._advance(self.rows, picked)
+
+    def window(self) -> int:
+        """How many decode steps the next `step` runs: `steps_per_read` where every row is greedy
+        with nothing else asked of it, but no more than any row has budget left for (so no row
+        is given more tokens, nor the cache more columns, than the row may take)."""
+        if any(row.needs_logits for row in self.rows):
+            return 1
+        left = min(row.budget - len(row.tokens) for row in self.rows)
+        return max(1, min(self.steps_per_read, left))
+
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """Host values as a tensor on the model's device; to a GPU through pinned memory, so the
+        copy does not wait for the work already queued there."""
+        tensor = torch.tensor(values)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every row's greedy pick, left on the device (see `_pick` for the ways to it)."""
+        if self.head.picks(len(hidden)):
+            return self.head.greedy(hidden)
+        adapters = [row.adapter for row in self.rows]
+        with self._serving(adapters) if self.head.adapted() else nullcontext():
+            return self.head.logits(hidden).max(dim=-1).indices
 
     def _forward(
         self,
@@ -339,19 +389,22 @@ class Batcher:
         )
         return out.last_hidden_state[:, -1]
 
-    def _advance(self, rows: list[Row], picked: list[int]) -> list[Row]:
-        """Add each running row's picked token; retire the rows that ended."""
+    def _advance(self, rows: list[Row], picked: list[list[int]]) -> list[Row]:
+        """Add each running row's picked tokens, in order, up to its end (the rest are what a
+        window of steps made past it); retire the rows that ended."""
         ended = []
-        for row, token in zip(rows, picked, strict=True):
-            row.tokens.append(token)
-            if row.constraint is not None and not row.constraint.is_terminated():
-                row.constraint.accept_token(token)
-            if self._ends(row, token):
-                row.finish = "stop"
-            elif len(row.tokens) >= row.budget:
-                row.finish = "length"
-            if row.finish:
-                ended.append(row)
+        for row, tokens in zip(rows, picked, strict=True):
+            for token in tokens:
+                row.tokens.append(token)
+                if row.constraint is not None and not row.constraint.is_terminated():
+                    row.constraint.accept_token(token)
+                if self._ends(row, token):
+                    row.finish = "stop"
+                elif len(row.tokens) >= row.budget:
+                    row.finish = "length"
+                if row.finish:
+                    ended.append(row)
+                    break
         if ended:
             self.leave(ended)
         return ended
