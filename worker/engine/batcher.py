@@ -2,7 +2,8 @@
 
 A row is one item being generated. `admit` prefills new rows (their prompts, after a shared
 prefix whose keys and values are computed once and copied in) and samples each one's first
-token; `step` runs one decode step for every running row. A row that reaches its budget, an
+token; `step` runs a decode step for every running row (on a GPU, several before their tokens
+are read back: STEPS_PER_READ). A row that reaches its budget, an
 end token, a stop string or the end of its JSON answer leaves at once, and its slot is free
 for the next row: no row waits for the longest one in its batch.
 
@@ -338,11 +339,12 @@ class Batcher:
                     tokens = self._greedy(hidden)
                     made.append(tokens)
                 cache.end += 1
+            if made:
+                # The window's one read; on a GPU, an error in its kernels surfaces here.
+                picked = torch.stack(made, dim=1).tolist()
         except BaseException:
             cache.end = end
             raise
-        if made:
-            picked = torch.stack(made, dim=1).tolist()  # the window's one read
         return self._advance(self.rows, picked)
 
     def window(self) -> int:
@@ -351,7 +353,7 @@ class Batcher:
         is given more tokens, nor the cache more columns, than the row may take)."""
         if any(row.needs_logits for row in self.rows):
             return 1
-        left = min(row.budget - len(row.tokens) for row in self.rows)
+        left = min((row.budget - len(row.tokens) for row in self.rows), default=1)
         return max(1, min(self.steps_per_read, left))
 
     def _on_device(self, values: list[int]) -> torch.Tensor:

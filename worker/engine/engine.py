@@ -228,8 +228,8 @@ class Engine:
                 self._admitting = []
 
     def step(self, express: bool = False) -> list[Row]:
-        """One decode step of every running row (of the express batch, if asked); returns the
-        rows that ended."""
+        """Decode steps of every running row (of the express batch, if asked; see
+        Batcher.step); returns the rows that ended."""
         return (self.express if express else self.batcher).step()
 
     def result(self, row: Row) -> ItemResult:
