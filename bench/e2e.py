@@ -55,17 +55,16 @@ def one_job(client: Client, texts: list[str]) -> datetime:
 
 
 def small_jobs(client: Client, texts: list[str]) -> datetime:
-    """Submit each text as a job of its own and wait for all; the last recorded finish."""
-    with ThreadPoolExecutor(20) as pool:
-        jobs = list(pool.map(lambda t: client.submit(MODEL, [{"prompt": t}], PARAMS), texts))
-    return wait_all(client, {job.id for job in jobs})
+    """Submit each text as a job of its own, from 20 threads, and wait for all; the last
+    recorded finish."""
+    return split_jobs(client, texts, len(texts), threads=20)
 
 
-def split_jobs(client: Client, texts: list[str], jobs: int) -> datetime:
-    """The texts as `jobs` jobs of about equal size, submitted at once; the last recorded
-    finish."""
+def split_jobs(client: Client, texts: list[str], jobs: int, threads: int = 0) -> datetime:
+    """The texts as `jobs` jobs of about equal size, submitted at once (from `threads` threads,
+    one a job unless told); the last recorded finish."""
     parts = [texts[n::jobs] for n in range(jobs)]
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(threads or jobs) as pool:
         made = list(
             pool.map(
                 lambda part: client.submit(MODEL, [{"prompt": t} for t in part], PARAMS), parts
@@ -117,6 +116,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="jobs the whole path's items go in")
     args = parser.parse_args()
+    if not 1 <= args.jobs <= args.items:
+        parser.error(f"--jobs must be from 1 to --items ({args.items}), not {args.jobs}")
     folder = use_private_store(MODEL)
     from gemma_batch.cli.stack import LocalStack
     from worker.engine.engine import Engine

@@ -128,7 +128,8 @@ class Batcher:
         self.decode = decode
         self.device = model.device
         self.dtype = next(model.parameters()).dtype
-        self.steps_per_read = STEPS_PER_READ["cuda" if self.device.type == "cuda" else "cpu"]
+        self._kind = "cuda" if self.device.type == "cuda" else "cpu"  # for the tables above
+        self.steps_per_read = STEPS_PER_READ[self._kind]
         self.rows: list[Row] = []  # running rows; a row's slot is its index
         self.cache: SlotCache | None = None
         # By adapter and ids: an adapter changes the prefix's keys and values too.
@@ -186,9 +187,8 @@ class Batcher:
                 cache.copy_in(slot, cache.starts[slot], keys, values)
         # Only what follows each row's prefix is computed; the prefix is in the cache already.
         own = [len(row.ids) - len(row.prefix) for row in rows]
-        device = "cuda" if self.device.type == "cuda" else "cpu"
         hidden, begin = [], 0
-        for stop in prefill_passes(own, PASS_COST[device], PASS_TOKENS[device]):
+        for stop in prefill_passes(own, PASS_COST[self._kind], PASS_TOKENS[self._kind]):
             if begin and self.between_passes is not None:
                 self.between_passes()
             hidden.append(self._prefill(rows[begin:stop], first + begin))
